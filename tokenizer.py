@@ -1,0 +1,717 @@
+"""
+SAMTok, the mask tokenizer: any region mask of an image -> two discrete codes -> the mask again.
+
+"We represent any mask with two words." A SAM2 image encoder sees the image; SAM2's prompt
+encoder embeds the mask (dense prompt) and its tight box (two corner points); a new two-way
+transformer with one learned query reads both and outputs one 256-d vector z; a two-level
+residual VQ (quantizer.py) writes z as codes (c1, c2); SAM2's mask decoder, prompted with
+the code embedding e1 + e2 alone, paints the mask back. An LLM can then say a mask as
+<|mt_start|><|mt_00xx|><|mt_0yyy|><|mt_end|> (codes_to_text / text_to_codes below).
+
+Training (PAPER.md section 1): image encoder and prompt encoder frozen; the mask encoder, the
+SAM2 mask decoder and the codebooks (EMA) learn; loss = 2.0 BCE + 0.5 Dice + 1.0 commitment.
+
+The embedded default (preset tiny) has no pretrained SAM2 to start from, so it first pretrains
+a small SAM2 (Hiera trunk + FPN neck + prompt encoder + mask decoder, all from the sam2
+package) on the synthetic shapes world with box prompts, the analogue of the paper starting
+from SAM2.1, and saves it for reuse. Then the bottleneck: the frozen image features are cached
+once, the mask encoder and decoder first learn through the *unquantized* latent (a warm-up),
+k-means on the collected latents initialises both codebooks, and training goes on through the
+quantizer with EMA codebooks and dead-code restarts.
+
+Run it:
+    python tokenizer.py                                    # CPU, preset tiny, ~8 minutes
+    python tokenizer.py --device=cuda                      # one GPU
+    torchrun --standalone --nproc_per_node=8 tokenizer.py --preset=paper --sam2_ckpt=sam2.1_hiera_large.pt
+    # two nodes (run on each, node_rank 0 and 1):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
+        tokenizer.py --preset=paper --sam2_ckpt=sam2.1_hiera_large.pt
+Any option is --key=value (see DEFAULTS); --resume=true continues from out_dir/ckpt.pt.
+Writes out_dir/ckpt.pt (weights + config), out_dir/metrics.json and out_dir/recon.png.
+"""
+
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError, atomic_save, configure, die, init_distributed, lr_at, write_json
+from quantizer import ResidualVQ
+
+# ----------------------------------------------------------------------------- config
+DEFAULTS = dict(
+    out_dir="out/tokenizer",
+    device="auto",              # auto | cpu | cuda
+    seed=0,
+    # model: SAM2 from the sam2 package's own config file, with dotlist overrides
+    sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml",
+    sam2_overrides="trunk.embed_dim=32,trunk.num_heads=1,trunk.stages=[1,2,3,1],"
+                   "trunk.global_att_blocks=[4,5],trunk.window_spec=[8,4,4,2],"
+                   "trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    sam2_ckpt="",               # official sam2.1_hiera_*.pt; empty: pretrain on the data (tiny)
+    image_size=128,             # plain resize to image_size x image_size (aspect ratio not kept)
+    d_model=128,                # SAM2 prompt/decoder width = latent dim of z and the codebooks
+    mlp_dim=1024,               # MLP width of the two-way transformers
+    levels=2, codebook_size=256,
+    # data
+    data="shapes",              # "shapes" (synthetic world) or a folder in the data/jsonl format
+    n_train=4000, n_val=100, n_test=500,   # scenes (shapes) / samples (folder)
+    cache_features=True,        # frozen image encoder: compute its features once, reuse them
+    # SAM2 pretraining with box prompts (only without --sam2_ckpt)
+    pretrain_steps=700, pretrain_batch=32, pretrain_lr=1e-3,
+    # the tokenizer itself
+    steps=2500, batch_size=64, grad_accum=1,
+    lr=5e-4, weight_decay=0.05, beta2=0.999, grad_clip=1.0, warmup_frac=0.05,
+    unquantized_steps=400,      # warm-up through the continuous latent before k-means + VQ
+    kmeans_samples=8192,
+    bce_weight=2.0, dice_weight=0.5, commitment_weight=1.0,
+    ema_decay=0.99, dead_threshold=0.05,
+    loss_res=128,               # 0: logits' own resolution (paper); else upsample logits to this
+    train_prompt_encoder=True,  # paper: frozen (pretrained); tiny: our SAM2 never saw mask prompts
+    train_iou_head=True,        # paper: frozen; tiny: learned so best-of-3 selection works
+    mask_threshold=0.0,         # decode threshold on logits (the released scripts use 0.5)
+    eval_every=500, log_every=50, ckpt_every=500,
+    resume=False,
+    stop_after=0,               # stop after this many steps of this run (simulates an interruption)
+)
+PRESETS = {
+    "tiny": {},
+    "paper": dict(sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml", sam2_overrides="",
+                  image_size=1024, d_model=256, mlp_dim=2048, cache_features=False,
+                  pretrain_steps=0, steps=129_000, batch_size=1024, lr=4e-5, unquantized_steps=0,
+                  kmeans_samples=16384, dead_threshold=1.0, loss_res=0, train_prompt_encoder=False,
+                  train_iou_head=False, mask_threshold=0.5, eval_every=5000, ckpt_every=2000,
+                  n_train=10_000_000, n_val=200, n_test=1000),
+}
+SAM2_KEYS = ("sam2_config", "sam2_overrides", "image_size", "d_model", "mlp_dim")
+
+# ----------------------------------------------------------------------------- masks as words
+MASK_START, MASK_END = "<|mt_start|>", "<|mt_end|>"
+K = 256  # codes per level: level-1 code c -> <|mt_{c:04d}|>, level-2 code c -> <|mt_{256+c:04d}|>
+
+
+def mask_tokens():
+    """The 514 new words, in vocabulary order."""
+    return [MASK_START] + [f"<|mt_{i:04d}|>" for i in range(2 * K)] + [MASK_END]
+
+
+def codes_to_text(codes):
+    """(2,) or (N, 2) codes -> the mask words, one 4-token group per mask."""
+    codes = np.asarray(codes).reshape(-1, 2)
+    return "".join(f"{MASK_START}<|mt_{int(a):04d}|><|mt_{K + int(b):04d}|>{MASK_END}" for a, b in codes)
+
+
+_WORD = re.compile(r"<\|mt_(start|end|\d{4})\|>")
+
+
+def text_to_codes(text):
+    """Tolerant parse of generated text -> list of (c1, c2), one per mask span; never raises.
+    A span opens at <|mt_start|> (or at a code outside any span) and closes at <|mt_end|> or
+    the next <|mt_start|>. Repairs (PAPER.md section 2): 3+ codes keep the first two; one code
+    gives level 2 = -1; a level-2 slot holding a level-1 id, or any id out of range, is -1."""
+    spans, cur = [], None
+    for m in _WORD.finditer(text or ""):
+        w = m.group(1)
+        if w == "start":
+            if cur:
+                spans.append(cur)
+            cur = []
+        elif w == "end":
+            if cur:
+                spans.append(cur)
+            cur = None
+        else:
+            cur = (cur or []) + [int(w)]
+    if cur:
+        spans.append(cur)
+    out = []
+    for ids in spans:
+        a, b = ids[0], ids[1] if len(ids) > 1 else -1
+        c1 = a if 0 <= a < K else -1
+        c2 = b - K if K <= b < 2 * K else -1
+        out.append((c1, c2))
+    return out
+
+
+# ----------------------------------------------------------------------------- the model
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def build_image_encoder(cfg):
+    """SAM2's image encoder (Hiera trunk + FPN neck) from the sam2 package's own YAML config,
+    with dotlist overrides for the tiny widths. The neck's channel list follows the trunk."""
+    import sam2
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    path = cfg["sam2_config"]
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(sam2.__file__), path)
+    if not os.path.exists(path):
+        raise UserError(f"SAM2 config {cfg['sam2_config']} not found (looked in the sam2 package)")
+    enc = OmegaConf.load(path).model.image_encoder
+    over = re.findall(r"[\w.]+=(?:\[[^\]]*\]|[^,]+)", cfg["sam2_overrides"])  # commas inside [...]
+    enc = OmegaConf.merge(enc, OmegaConf.from_dotlist(over))
+    e, n = enc.trunk.embed_dim, len(enc.trunk.stages)
+    enc.neck.backbone_channel_list = [int(e * 2 ** i) for i in reversed(range(n))]
+    enc.neck.d_model = cfg["d_model"]
+    return instantiate(enc)
+
+
+class SAMTok(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        from sam2.modeling.sam.mask_decoder import MaskDecoder
+        from sam2.modeling.sam.prompt_encoder import PromptEncoder
+        from sam2.modeling.sam.transformer import TwoWayTransformer
+        self.cfg = dict(cfg)
+        D, S = cfg["d_model"], cfg["image_size"]
+        self.grid = S // 16  # SAM2 works on stride-16 features: 64x64 at 1024 px, 8x8 at 128 px
+        # Module names match SAM2Base, so an official sam2.1 checkpoint loads by key.
+        self.image_encoder = build_image_encoder(cfg)
+        self.sam_prompt_encoder = PromptEncoder(embed_dim=D, image_embedding_size=(self.grid, self.grid),
+                                                input_image_size=(S, S), mask_in_chans=16)
+        self.sam_mask_decoder = MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=D, iou_head_depth=3, iou_head_hidden_dim=256,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=D, mlp_dim=cfg["mlp_dim"], num_heads=8),
+            use_high_res_features=True, iou_prediction_use_sigmoid=True, pred_obj_scores=True,
+            pred_obj_scores_mlp=True, use_multimask_token_for_obj_ptr=True)
+        # single-frame path of SAM2: a learned "no memory" embedding is added to the image features
+        self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, D))
+        # The new mask encoder: a two-way transformer over [query, box corner 1, corner 2, pad];
+        # the query's output (after its final token->image attention + LayerNorm) is z.
+        self.mask_encoder = TwoWayTransformer(depth=2, embedding_dim=D, mlp_dim=cfg["mlp_dim"], num_heads=8)
+        self.query = nn.Embedding(1, D)
+        self.rvq = ResidualVQ(levels=cfg["levels"], codebook_size=cfg["codebook_size"], dim=D,
+                              decay=cfg["ema_decay"], commitment_weight=cfg["commitment_weight"],
+                              dead_threshold=cfg["dead_threshold"])
+
+    @property
+    def device(self):
+        return self.query.weight.device
+
+    # ---- image side
+    def preprocess(self, images):
+        """uint8 (B, H, W, 3) -> (B, 3, S, S): plain resize, /255, ImageNet mean/std."""
+        x = torch.as_tensor(images, device=self.device).permute(0, 3, 1, 2).float() / 255
+        S = self.cfg["image_size"]
+        if x.shape[-2:] != (S, S):
+            x = F.interpolate(x, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+        return (x - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
+
+    def image_features(self, x):
+        """(B, 3, S, S) -> raw FPN levels [stride 4, stride 8, stride 16], what the frozen
+        encoder produces (and what cache_features stores)."""
+        return self.image_encoder(x)["backbone_fpn"]
+
+    def prepare(self, fpn):
+        """FPN levels -> (image embedding + no_mem_embed, [high-res s0, s1] for the decoder)."""
+        dec = self.sam_mask_decoder
+        embed = fpn[2] + self.no_mem_embed.view(1, -1, 1, 1)
+        return embed, [dec.conv_s0(fpn[0]), dec.conv_s1(fpn[1])]
+
+    # ---- prompts
+    def box_points(self, boxes):
+        """xyxy boxes (B, 4) in resized pixels -> SAM2 corner points with labels 2 and 3."""
+        return boxes.view(-1, 2, 2), torch.tensor([[2, 3]], device=boxes.device).expand(len(boxes), 2)
+
+    def encode_latent(self, embed, mask_prompt, boxes):
+        """Mask encoder: (B, D, g, g) features, (B, 1, 4g, 4g) mask, (B, 4) box -> z (B, D)."""
+        sparse, dense = self.sam_prompt_encoder(points=self.box_points(boxes), boxes=None, masks=mask_prompt)
+        tokens = torch.cat([self.query.weight.expand(len(boxes), 1, -1), sparse], 1)  # (B, 4, D)
+        pos = self.sam_prompt_encoder.get_dense_pe().expand(len(boxes), -1, -1, -1)
+        hs, _ = self.mask_encoder(embed + dense, pos, tokens)
+        return hs[:, 0]
+
+    def decode_logits(self, embed, hires, sparse_extra=None, points=None):
+        """SAM2's mask decoder. The code embedding (B, D) is appended to the sparse prompt
+        tokens after two padding embeddings; the dense prompt is no_mask_embed. With points
+        instead (pretraining), a plain box-prompted SAM2. -> logits (B, 3, 4g, 4g), iou (B, 3)."""
+        pe = self.sam_prompt_encoder
+        B = embed.shape[0]
+        if points is not None:
+            sparse, dense = pe(points=points, boxes=None, masks=None)
+        else:
+            pad = pe.not_a_point_embed.weight.expand(B, 2, -1)
+            sparse = torch.cat([pad, sparse_extra[:, None]], 1)
+            dense = pe.no_mask_embed.weight.view(1, -1, 1, 1).expand(B, -1, self.grid, self.grid)
+        logits, iou, _, _ = self.sam_mask_decoder(embed, pe.get_dense_pe(), sparse, dense, multimask_output=True,
+                                                  repeat_image=False, high_res_features=hires)
+        return logits, iou
+
+    def forward(self, fpn, mask_prompt=None, boxes=None, mode="quant", x=None):
+        """One training forward (what DDP wraps). mode: "box" = SAM2 pretraining with box
+        prompts; "latent" = the tokenizer with the unquantized z (warm-up); "quant" = through
+        the residual VQ. Returns logits, predicted IoU, commitment loss, codes. Pass images x
+        instead of features fpn to run (and train) the image encoder inside the forward."""
+        embed, hires = self.prepare(self.image_features(x) if fpn is None else fpn)
+        if mode == "box":
+            logits, iou = self.decode_logits(embed, hires, points=self.box_points(boxes))
+            return logits, iou, embed.new_zeros(()), None
+        z = self.encode_latent(embed, mask_prompt, boxes)
+        commit, codes = z.new_zeros(()), None
+        if mode == "quant":
+            z, codes, commit = self.rvq(z)
+        logits, iou = self.decode_logits(embed, hires, sparse_extra=z)
+        return logits, iou, commit, codes
+
+    # ---- public API
+    def _masks_in(self, image, masks):
+        """Checks and normalises an (image, masks) pair; see encode()."""
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, -1)          # grayscale -> RGB
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+        if image.dtype != np.uint8:
+            scale = 255.0 / max(1, image.max()) if image.max() > 255 else 1.0  # e.g. 16-bit
+            image = np.clip(image * scale, 0, 255).astype(np.uint8)
+        image = image[..., :3]                                  # RGBA: alpha dropped
+        if masks is None:
+            return image, None
+        masks = np.asarray(masks)
+        masks = masks[None] if masks.ndim == 2 else masks
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be (H, W) or (N, H, W), got shape {masks.shape}")
+        if masks.shape[1:] != image.shape[:2]:
+            raise ValueError(f"masks are {masks.shape[1]}x{masks.shape[2]} but the image is "
+                             f"{image.shape[0]}x{image.shape[1]}: resize the masks to the image first")
+        masks = masks > 0.5 if masks.dtype.kind == "f" else masks > 0
+        empty = np.flatnonzero(~masks.reshape(len(masks), -1).any(1))
+        if len(empty):
+            raise ValueError(f"mask {int(empty[0])} is empty: an empty region has no tokens")
+        return image, masks
+
+    @torch.no_grad()
+    def encode(self, image, masks):
+        """image (H, W, 3) uint8 (grayscale, RGBA and 16-bit are converted), masks (N, H, W) of
+        the same H, W (bool; integers: nonzero; floats: > 0.5) -> codes (N, 2) long.
+        ValueError for an empty mask, a size mismatch or wrong shapes."""
+        image, masks = self._masks_in(image, masks)
+        H, W = image.shape[:2]
+        S, g = self.cfg["image_size"], self.grid
+        embed, _ = self.prepare(self.image_features(self.preprocess(image[None])))
+        m = torch.as_tensor(masks, device=self.device).float()[:, None]   # (N, 1, H, W)
+        prompt = F.interpolate(m, size=(4 * g, 4 * g), mode="bilinear", antialias=True, align_corners=False)
+        boxes = boxes_of(masks) * torch.tensor([S / W, S / H, S / W, S / H])
+        z = self.encode_latent(embed.expand(len(m), -1, -1, -1), prompt, boxes.to(self.device))
+        return self.rvq.quantize(z)[0]
+
+    @torch.no_grad()
+    def decode(self, image, codes):
+        """codes (N, 2) (-1 = level missing) -> masks (N, H, W) bool at the image's size."""
+        image, _ = self._masks_in(image, None)
+        codes = torch.as_tensor(np.asarray(codes), device=self.device).long().view(-1, self.cfg["levels"])
+        if len(codes) == 0:
+            return np.zeros((0, *image.shape[:2]), bool)
+        embed, hires = self.prepare(self.image_features(self.preprocess(image[None])))
+        n = len(codes)
+        logits, iou = self.decode_logits(embed.expand(n, -1, -1, -1), [h.expand(n, -1, -1, -1) for h in hires],
+                                         sparse_extra=self.rvq.embed(codes))
+        best = logits[torch.arange(n), iou.argmax(1)][:, None]      # best of 3 by predicted IoU
+        up = F.interpolate(best, size=image.shape[:2], mode="bilinear", align_corners=False)
+        return (up[:, 0] > self.cfg["mask_threshold"]).cpu().numpy()
+
+
+def boxes_of(masks):
+    """(N, H, W) bool -> (N, 4) float xyxy tight boxes (x2, y2 exclusive)."""
+    masks = torch.as_tensor(np.asarray(masks))
+    rows, cols = masks.any(2), masks.any(1)
+    def lo_hi(a):
+        idx = torch.arange(a.shape[1]).expand_as(a)
+        return torch.where(a, idx, a.shape[1]).min(1).values, torch.where(a, idx, -1).max(1).values + 1
+    (y1, y2), (x1, x2) = lo_hi(rows), lo_hi(cols)
+    return torch.stack([x1, y1, x2, y2], 1).float()
+
+
+def load_tokenizer(path, device="cpu"):
+    """A trained tokenizer from a checkpoint (weights + the config that built them)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no tokenizer checkpoint at {path}: run `python tokenizer.py` first")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or ck.get("stage") != "tokenizer":
+        raise UserError(f"{path} is not a tokenizer checkpoint")
+    model = SAMTok(ck["config"])
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval()
+
+
+def load_sam2_checkpoint(model, path):
+    """Load an official sam2.1_hiera_*.pt (its "model" dict) into the SAM2 parts; every SAM2
+    key we have must be there with the right shape, or nothing is loaded."""
+    if not os.path.exists(path):
+        raise UserError(f"SAM2 checkpoint {path} not found")
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd = sd.get("model", sd)
+    ours = {k: v for k, v in model.state_dict().items()
+            if k.split(".")[0] in ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "no_mem_embed")}
+    missing = [k for k in ours if k not in sd]
+    bad = [k for k in ours if k in sd and sd[k].shape != ours[k].shape]
+    if missing or bad:
+        raise UserError(f"{path} does not match the SAM2 config {model.cfg['sam2_config']}: "
+                        f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(bad)} of another shape (e.g. {bad[:2]})")
+    model.load_state_dict({k: sd[k] for k in ours}, strict=False)
+
+
+# ----------------------------------------------------------------------------- data
+def load_split(cfg, split):
+    """Scenes of a split as a list of dicts with image (H, W, 3) uint8 and masks (N, H, W)."""
+    n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
+    if cfg["data"] == "shapes":
+        from data import iter_scenes
+        return [s for _, s in iter_scenes(split, n, size=cfg["image_size"] if cfg["image_size"] <= 512 else 512)]
+    from collections import Counter
+    from data import read_folder
+    skipped = Counter()
+    scenes = list(read_folder(cfg["data"], skipped))
+    if skipped:
+        print(f"skipped in {cfg['data']}: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+    cut1, cut2 = int(0.9 * len(scenes)), int(0.95 * len(scenes))  # a user folder: 90/5/5 split
+    part = {"train": scenes[:cut1], "val": scenes[cut1:cut2], "test": scenes[cut2:]}[split][:n]
+    if not part:
+        raise UserError(f"{cfg['data']} has no usable samples for the {split} split")
+    return part
+
+
+class MaskSet:
+    """Every (scene, mask) pair of a split as flat tensors at the model's resolution: the mask
+    (M, S, S), its mask prompt at 4x the feature grid (M, 1, 4g, 4g), its box in resized
+    pixels (M, 4), and the index of its scene (M,)."""
+
+    def __init__(self, scenes, S, g):
+        self.images = np.stack([resize_image(s["image"], S) for s in scenes])       # (I, S, S, 3)
+        masks, scene_idx, prompts, boxes = [], [], [], []
+        for i, s in enumerate(scenes):
+            m = torch.as_tensor(np.asarray(s["masks"])).float()[:, None]           # (n, 1, H, W)
+            H, W = m.shape[-2:]
+            prompts.append(F.interpolate(m, size=(4 * g, 4 * g), mode="bilinear", antialias=True))
+            boxes.append(boxes_of(s["masks"]) * torch.tensor([S / W, S / H, S / W, S / H]))
+            masks.append(F.interpolate(m, size=(S, S), mode="nearest")[:, 0] > 0.5)
+            scene_idx += [i] * len(m)
+        self.masks, self.prompts = torch.cat(masks), torch.cat(prompts)
+        self.boxes, self.scene = torch.cat(boxes), torch.tensor(scene_idx)
+        self.area = self.masks.flatten(1).float().mean(1)                         # fraction of image
+
+    def __len__(self):
+        return len(self.masks)
+
+
+def resize_image(image, S):
+    if image.shape[:2] == (S, S):
+        return image
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((S, S), Image.BILINEAR))
+
+
+# ----------------------------------------------------------------------------- loss and metrics
+def mask_loss(logits, iou_pred, gt, cfg):
+    """2.0 x sigmoid BCE + 0.5 x Dice on the best of the 3 multimask outputs (SAM's
+    min-over-outputs), plus MSE of the IoU head against the true IoU of each output."""
+    if cfg["loss_res"]:
+        logits = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)
+    else:  # paper: GT nearest-resized to the logits' resolution
+        gt = F.interpolate(gt[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0] > 0.5
+    t = gt[:, None].float().expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").mean((-1, -2))  # (B, 3)
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * t).sum((-1, -2)) + 1) / (p.sum((-1, -2)) + t.sum((-1, -2)) + 1)
+    per = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
+    best = per.argmin(1)
+    loss = per[torch.arange(len(per)), best].mean()
+    with torch.no_grad():
+        pred = logits > cfg["mask_threshold"]
+        inter = (pred & (t > 0)).sum((-1, -2)).float()
+        union = (pred | (t > 0)).sum((-1, -2)).float()
+        true_iou = inter / union.clamp(min=1)
+        chosen_iou = true_iou[torch.arange(len(per)), iou_pred.argmax(1)].mean()
+    if cfg["train_iou_head"]:
+        loss = loss + F.mse_loss(iou_pred.float(), true_iou)
+    return loss, chosen_iou
+
+
+def iou(a, b):
+    """IoU of two bool arrays (..., H, W), per leading index."""
+    a, b = np.asarray(a), np.asarray(b)
+    inter = (a & b).reshape(len(a), -1).sum(1)
+    union = (a | b).reshape(len(a), -1).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+AREA_BUCKETS = [(0.0, 0.005, "<0.5%"), (0.005, 0.02, "0.5-2%"), (0.02, 0.1, "2-10%"), (0.1, 1.01, ">10%")]
+
+
+@torch.no_grad()
+def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False):
+    """Encode -> two codes -> decode every mask of a MaskSet; IoU at the model's resolution.
+    level1=True drops level 2 (code -1) before decoding. -> ious (M,), codes (M, L), preds."""
+    was_training = model.training
+    model.eval()
+    S = cfg["image_size"]
+    ious, codes_all, preds = [], [], []
+    for start in range(0, len(ms), batch):
+        idx = torch.arange(start, min(start + batch, len(ms)))
+        scenes, inv = ms.scene[idx].unique(return_inverse=True)  # each image through the encoder once
+        fpn = model.image_features(model.preprocess(ms.images[scenes.numpy()]))
+        embed, hires = model.prepare(fpn)
+        embed, hires = embed[inv], [h[inv] for h in hires]
+        dev = model.device
+        z = model.encode_latent(embed, ms.prompts[idx].to(dev), ms.boxes[idx].to(dev))
+        codes = model.rvq.quantize(z)[0]
+        if level1:
+            codes[:, 1:] = -1
+        logits, iou_pred = model.decode_logits(embed, hires, sparse_extra=model.rvq.embed(codes))
+        best = logits[torch.arange(len(idx)), iou_pred.argmax(1)][:, None]
+        pred = F.interpolate(best.float(), size=(S, S), mode="bilinear", align_corners=False)[:, 0] > cfg["mask_threshold"]
+        pred = pred.cpu()
+        ious.append(iou(pred.numpy(), ms.masks[idx].numpy()))
+        codes_all.append(codes.cpu())
+        if return_preds:
+            preds.append(pred)
+    model.train(was_training)
+    return np.concatenate(ious), torch.cat(codes_all), (torch.cat(preds) if return_preds else None)
+
+
+def save_grid(path, ms, preds, preds_l1, n_scenes=8):
+    """A PNG: per test scene, the image, the input masks, the 2-code and the level-1 rebuilds."""
+    from PIL import Image
+    from common import overlay
+    rows = []
+    for s in range(min(n_scenes, len(ms.images))):
+        sel = (ms.scene == s).nonzero()[:, 0]
+        img = ms.images[s]
+        rows.append(np.concatenate([img, overlay(img, ms.masks[sel].numpy()), overlay(img, preds[sel].numpy()),
+                                    overlay(img, preds_l1[sel].numpy())], 1))
+    grid = np.concatenate(rows, 0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def main():
+    try:
+        cfg = configure(DEFAULTS, PRESETS)
+    except UserError as e:
+        die(e)
+    rank, world, device = init_distributed(cfg["device"])
+    master = rank == 0
+    torch.manual_seed(cfg["seed"] + rank)
+    gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank draws its own masks
+    t_start = time.time()
+    if master:
+        print("config:", {k: v for k, v in cfg.items()})
+    out = cfg["out_dir"]
+    ckpt_path, sam2_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "sam2_pretrained.pt")
+    try:
+        train_ms = MaskSet(load_split(cfg, "train"), cfg["image_size"], cfg["image_size"] // 16)
+        val_ms = MaskSet(load_split(cfg, "val"), cfg["image_size"], cfg["image_size"] // 16)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        die(e)
+    if master:
+        print(f"data: {len(train_ms.images)} train images / {len(train_ms)} masks, {len(val_ms)} val masks")
+
+    model = SAMTok(cfg).to(device)
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    step, resumed = 0, None
+    if cfg["resume"]:
+        if not os.path.exists(ckpt_path):
+            die(f"--resume: no checkpoint at {ckpt_path}")
+        resumed = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if any(resumed["config"][k] != cfg[k] for k in SAM2_KEYS):
+            die(f"--resume: {ckpt_path} was trained with another model config")
+        model.load_state_dict(resumed["model"])
+        step = resumed["step"]
+        if master:
+            print(f"resuming from step {step}")
+
+    def wrap(m):  # DDP when torchrun started us; parameters unused in a phase are allowed
+        if world == 1:
+            return m
+        return torch.nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if cuda else None,
+                                                         find_unused_parameters=True)
+
+    def sample(n):
+        return torch.randint(len(train_ms), (n,), generator=gen)
+
+    # ---------------------------------------------------------------- phase 1: SAM2 weights
+    sam2_meta = {k: cfg[k] for k in SAM2_KEYS + ("data", "n_train", "pretrain_steps", "seed")}
+    if resumed is not None:
+        pass  # the checkpoint holds every weight
+    elif cfg["sam2_ckpt"]:
+        try:
+            load_sam2_checkpoint(model, cfg["sam2_ckpt"])
+        except UserError as e:
+            die(e)
+    elif os.path.exists(sam2_path) and torch.load(sam2_path, weights_only=False)["meta"] == sam2_meta:
+        model.load_state_dict(torch.load(sam2_path, weights_only=False)["model"], strict=False)
+        if master:
+            print(f"reusing the pretrained SAM2 in {sam2_path}")
+    elif cfg["pretrain_steps"] > 0:
+        # No pretrained SAM2 for the synthetic world: learn one, SAM-style, from box prompts.
+        # The prompt -> mask task forces the image encoder to learn what an object is; the
+        # tokenizer later relies on exactly these features (frozen).
+        for p in model.parameters():
+            p.requires_grad = False
+        sam2_parts = [model.image_encoder, model.sam_prompt_encoder, model.sam_mask_decoder]
+        params = [p for m in sam2_parts for p in m.parameters()] + [model.no_mem_embed]
+        for p in params:
+            p.requires_grad = True
+        opt = torch.optim.AdamW(params, lr=cfg["pretrain_lr"], weight_decay=0.01)
+        net, B, t0 = wrap(model), cfg["pretrain_batch"], time.time()
+        for i in range(cfg["pretrain_steps"]):
+            lr = lr_at(i, cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["warmup_frac"])
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            idx = sample(B)
+            x = model.preprocess(train_ms.images[train_ms.scene[idx].numpy()])
+            box = train_ms.boxes[idx]
+            wh = (box[:, 2:] - box[:, :2]).repeat(1, 2)
+            box = box + 0.05 * wh * torch.randn(box.shape, generator=gen)  # SAM's box jitter
+            with amp:
+                logits, iou_pred, _, _ = net(None, boxes=box.to(device), mode="box", x=x)
+                loss, tr_iou = mask_loss(logits.float(), iou_pred, train_ms.masks[idx].to(device), cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            opt.step()
+            if master and (i % cfg["log_every"] == 0 or i == cfg["pretrain_steps"] - 1):
+                dt = (time.time() - t0) / (i + 1)
+                print(f"sam2 pretrain {i:5d} | loss {loss.item():.4f} | iou {tr_iou.item():.3f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step")
+        if master:
+            sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("mask_encoder", "query", "rvq"))}
+            atomic_save({"stage": "sam2", "meta": sam2_meta, "model": sd}, sam2_path)
+            print(f"saved the pretrained SAM2 to {sam2_path}")
+    elif master:
+        print("warning: no --sam2_ckpt and pretrain_steps=0: the image encoder stays random")
+    if world > 1:
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, 0)  # rank 0's SAM2 weights everywhere
+
+    # ---------------------------------------------------------------- phase 2: the tokenizer
+    # Frozen: image encoder (and no_mem_embed); prompt encoder and IoU/object heads as configured.
+    for p in model.parameters():
+        p.requires_grad = True
+    frozen = [model.image_encoder, model.no_mem_embed]
+    if not cfg["train_prompt_encoder"]:
+        frozen.append(model.sam_prompt_encoder)
+    if not cfg["train_iou_head"]:
+        frozen += [model.sam_mask_decoder.iou_prediction_head, model.sam_mask_decoder.pred_obj_score_head]
+    for m in frozen:
+        for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()):
+            p.requires_grad = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, cfg["beta2"]))
+    if resumed is not None and "optimizer" in resumed:
+        opt.load_state_dict(resumed["optimizer"])
+    model.image_encoder.eval()  # frozen: no dropout / drop-path noise in its features
+
+    cache = None
+    if cfg["cache_features"]:
+        # The frozen encoder gives the same features every epoch: compute them once (fp16).
+        t0 = time.time()
+        with torch.no_grad(), amp:
+            chunks = [model.image_features(model.preprocess(train_ms.images[i:i + 64]))
+                      for i in range(0, len(train_ms.images), 64)]
+        cache = [torch.cat([c[l] for c in chunks]).half() for l in range(3)]
+        if master:
+            mb = sum(c.numel() * 2 for c in cache) / 2 ** 20
+            print(f"cached image features: {mb:.0f} MB in {time.time() - t0:.1f} s")
+
+    def fpn_for(idx):
+        sc = train_ms.scene[idx]
+        if cache is not None:
+            return [c[sc].to(device).float() for c in cache]
+        with torch.no_grad(), amp:
+            return [f.float() for f in model.image_features(model.preprocess(train_ms.images[sc.numpy()]))]
+
+    def save(step):
+        if master:
+            atomic_save({"stage": "tokenizer", "config": cfg, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "step": step}, ckpt_path)
+
+    net = wrap(model)
+    B, steps, t0, run_steps = cfg["batch_size"], cfg["steps"], time.time(), 0
+    model.rvq.reset_window()
+    while step < steps:
+        if step == cfg["unquantized_steps"] and not bool(model.rvq.initialized):
+            # Data-driven codebooks: k-means on latents of the warmed-up encoder, residual per level.
+            with torch.no_grad():
+                zs = []
+                for _ in range(max(1, cfg["kmeans_samples"] // 256)):
+                    idx = sample(256)
+                    embed, _ = model.prepare(fpn_for(idx))
+                    zs.append(model.encode_latent(embed, train_ms.prompts[idx].to(device), train_ms.boxes[idx].to(device)).float())
+                model.rvq.init_codebooks(torch.cat(zs))
+            if master:
+                print(f"step {step}: codebooks initialised by k-means on {len(torch.cat(zs))} latents")
+        mode = "quant" if step >= cfg["unquantized_steps"] else "latent"
+        lr = lr_at(step, steps, cfg["lr"], cfg["warmup_frac"])
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        for micro in range(cfg["grad_accum"]):
+            idx = sample(B)
+            with amp:
+                logits, iou_pred, commit, codes = net(fpn_for(idx), train_ms.prompts[idx].to(device),
+                                                      train_ms.boxes[idx].to(device), mode=mode)
+                loss, tr_iou = mask_loss(logits.float(), iou_pred, train_ms.masks[idx].to(device), cfg)
+                loss = (loss + commit) / cfg["grad_accum"]
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        run_steps += 1
+        if master and (step % cfg["log_every"] == 0 or step == steps):
+            dt = (time.time() - t0) / run_steps
+            h = model.rvq.health()
+            print(f"step {step:5d} {mode:6s} | loss {loss.item() * cfg['grad_accum']:.4f} | commit {commit.item():.4f} "
+                  f"| iou {tr_iou.item():.3f} | usage {'/'.join(f'{u:.0%}' for u in h['usage'])} "
+                  f"| lr {lr:.2e} | {dt * 1000:.0f} ms/step | {B * cfg['grad_accum'] * world / dt:.0f} masks/s")
+            model.rvq.reset_window()
+        if master and cfg["eval_every"] and step % cfg["eval_every"] == 0 and step < steps:
+            vi = evaluate(model, val_ms, cfg)[0]
+            print(f"step {step:5d} val | recon mIoU {vi.mean():.4f}")
+        if step % cfg["ckpt_every"] == 0 or step == steps:
+            save(step)
+        if cfg["stop_after"] and run_steps >= cfg["stop_after"] and step < steps:
+            if master:
+                print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
+            return
+    train_seconds = time.time() - t_start
+
+    # ---------------------------------------------------------------- test
+    if not master:
+        return
+    test_ms = MaskSet(load_split(cfg, "test"), cfg["image_size"], cfg["image_size"] // 16)
+    t0 = time.time()
+    ious, codes, preds = evaluate(model, test_ms, cfg, return_preds=True)
+    masks_per_s = len(test_ms) / (time.time() - t0)
+    ious1, _, preds1 = evaluate(model, test_ms, cfg, level1=True, return_preds=True)
+    counts = torch.stack([torch.bincount(codes[:, l], minlength=cfg["codebook_size"]) for l in range(cfg["levels"])]).float()
+    health = model.rvq.health(counts)
+    area = test_ms.area.numpy()
+    by_area = {name: float(ious[(area >= lo) & (area < hi)].mean()) if ((area >= lo) & (area < hi)).any() else None
+               for lo, hi, name in AREA_BUCKETS}
+    metrics = {"recon_miou": float(ious.mean()), "recon_miou_level1": float(ious1.mean()),
+               "recon_miou_by_area": by_area, "usage": health["usage"], "perplexity": health["perplexity"],
+               "masks_per_s": masks_per_s, "train_seconds": train_seconds,
+               "test_masks": len(test_ms), "preset": cfg["preset"]}
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    save_grid(os.path.join(out, "recon.png"), test_ms, preds, preds1)
+    print(f"test: recon mIoU {metrics['recon_miou']:.4f} (level 1 only {metrics['recon_miou_level1']:.4f}) "
+          f"on {len(test_ms)} masks | by area " + ", ".join(f"{k} {v:.3f}" for k, v in by_area.items() if v is not None))
+    print(f"test: usage {health['usage']} | perplexity {[round(p, 1) for p in health['perplexity']]} "
+          f"| {masks_per_s:.0f} masks/s | trained in {train_seconds:.0f} s")
+    print(f"wrote {out}/ckpt.pt, {out}/metrics.json, {out}/recon.png")
+
+
+if __name__ == "__main__":
+    main()
