@@ -165,8 +165,10 @@ class ResidualVQ(nn.Module):
             if n_dead == 0:
                 continue
             r = residuals[l]                                            # (B, D)
-            new = r[torch.randint(r.shape[0], (n_dead,), device=r.device)]
-            if n_dead > r.shape[0]:  # batch smaller than the dead set: tiled copies, so jitter
+            if n_dead <= r.shape[0]:  # distinct vectors: two codes on one vector, one never wins
+                new = r[torch.randperm(r.shape[0], device=r.device)[:n_dead]]
+            else:  # batch smaller than the dead set: tiled copies, so jitter
+                new = r[torch.randint(r.shape[0], (n_dead,), device=r.device)]
                 new = new + self.restart_noise * r.std() * torch.randn_like(new)
             self._broadcast(new)
             self.codebook[l, dead] = new

@@ -63,7 +63,7 @@ DEFAULTS = dict(
     n_train=4000, n_val=100, n_test=500,   # scenes (shapes) / samples (folder)
     cache_features=True,        # frozen image encoder: compute its features once, reuse them
     # SAM2 pretraining with box prompts (only without --sam2_ckpt)
-    pretrain_steps=700, pretrain_batch=32, pretrain_lr=1e-3,
+    pretrain_steps=700, pretrain_batch=16, pretrain_lr=3e-4,
     # the tokenizer itself
     steps=2500, batch_size=64, grad_accum=1,
     lr=5e-4, weight_decay=0.05, beta2=0.999, grad_clip=1.0, warmup_frac=0.05,
@@ -244,12 +244,16 @@ class SAMTok(nn.Module):
                                                   repeat_image=False, high_res_features=hires)
         return logits, iou
 
-    def forward(self, fpn, mask_prompt=None, boxes=None, mode="quant", x=None):
+    def forward(self, fpn, mask_prompt=None, boxes=None, mode="quant", x=None, img_idx=None):
         """One training forward (what DDP wraps). mode: "box" = SAM2 pretraining with box
         prompts; "latent" = the tokenizer with the unquantized z (warm-up); "quant" = through
         the residual VQ. Returns logits, predicted IoU, commitment loss, codes. Pass images x
-        instead of features fpn to run (and train) the image encoder inside the forward."""
-        embed, hires = self.prepare(self.image_features(x) if fpn is None else fpn)
+        instead of features fpn to run (and train) the image encoder inside the forward;
+        img_idx (B,) then says which image each mask belongs to."""
+        fpn = self.image_features(x) if fpn is None else fpn
+        if img_idx is not None:
+            fpn = [f[img_idx] for f in fpn]
+        embed, hires = self.prepare(fpn)
         if mode == "box":
             logits, iou = self.decode_logits(embed, hires, points=self.box_points(boxes))
             return logits, iou, embed.new_zeros(()), None
@@ -398,6 +402,14 @@ class MaskSet:
         self.masks, self.prompts = torch.cat(masks), torch.cat(prompts)
         self.boxes, self.scene = torch.cat(boxes), torch.tensor(scene_idx)
         self.area = self.masks.flatten(1).float().mean(1)                         # fraction of image
+        counts = torch.bincount(self.scene, minlength=len(scenes))
+        self.start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # scene i: start[i]:start[i+1]
+
+    def masks_of(self, scenes):
+        """All mask indices of the given scenes, and for each mask its position in `scenes`."""
+        idx = [torch.arange(self.start[s], self.start[s + 1]) for s in scenes.tolist()]
+        pos = torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(idx)])
+        return torch.cat(idx), pos
 
     def __len__(self):
         return len(self.masks)
@@ -567,13 +579,15 @@ def main():
             lr = lr_at(i, cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["warmup_frac"])
             for gr in opt.param_groups:
                 gr["lr"] = lr
-            idx = sample(B)
-            x = model.preprocess(train_ms.images[train_ms.scene[idx].numpy()])
+            # B images per step and every mask in them: one encoder pass, ~3.5x the supervision
+            scenes = torch.randint(len(train_ms.images), (B,), generator=gen)
+            idx, img_idx = train_ms.masks_of(scenes)
+            x = model.preprocess(train_ms.images[scenes.numpy()])
             box = train_ms.boxes[idx]
             wh = (box[:, 2:] - box[:, :2]).repeat(1, 2)
             box = box + 0.05 * wh * torch.randn(box.shape, generator=gen)  # SAM's box jitter
             with amp:
-                logits, iou_pred, _, _ = net(None, boxes=box.to(device), mode="box", x=x)
+                logits, iou_pred, _, _ = net(None, boxes=box.to(device), mode="box", x=x, img_idx=img_idx.to(device))
                 loss, tr_iou = mask_loss(logits.float(), iou_pred, train_ms.masks[idx].to(device), cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
