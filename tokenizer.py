@@ -63,7 +63,7 @@ DEFAULTS = dict(
     n_train=4000, n_val=100, n_test=500,   # scenes (shapes) / samples (folder)
     cache_features=True,        # frozen image encoder: compute its features once, reuse them
     # SAM2 pretraining with box prompts (only without --sam2_ckpt)
-    pretrain_steps=700, pretrain_batch=16, pretrain_lr=3e-4,
+    pretrain_steps=600, pretrain_batch=16, pretrain_lr=1e-3,
     # the tokenizer itself
     steps=2500, batch_size=64, grad_accum=1,
     lr=5e-4, weight_decay=0.05, beta2=0.999, grad_clip=1.0, warmup_frac=0.05,
@@ -272,9 +272,9 @@ class SAMTok(nn.Module):
             image = np.repeat(image[..., None], 3, -1)          # grayscale -> RGB
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
-        if image.dtype != np.uint8:
-            scale = 255.0 / max(1, image.max()) if image.max() > 255 else 1.0  # e.g. 16-bit
-            image = np.clip(image * scale, 0, 255).astype(np.uint8)
+        if image.dtype != np.uint8:  # 16-bit: /257 maps 0..65535 onto 0..255; floats in [0, 1]: x255
+            scale = 1 / 257 if image.max() > 255 else (255.0 if image.dtype.kind == "f" and image.max() <= 1 else 1.0)
+            image = np.clip(np.round(image * scale), 0, 255).astype(np.uint8)
         image = image[..., :3]                                  # RGBA: alpha dropped
         if masks is None:
             return image, None
@@ -460,9 +460,10 @@ AREA_BUCKETS = [(0.0, 0.005, "<0.5%"), (0.005, 0.02, "0.5-2%"), (0.02, 0.1, "2-1
 
 
 @torch.no_grad()
-def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False):
+def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=False):
     """Encode -> two codes -> decode every mask of a MaskSet; IoU at the model's resolution.
-    level1=True drops level 2 (code -1) before decoding. -> ious (M,), codes (M, L), preds."""
+    level1=True drops level 2 (code -1) before decoding; boxes=True skips the tokenizer and
+    prompts SAM2 with the true box (the pretraining check). -> ious (M,), codes (M, L), preds."""
     was_training = model.training
     model.eval()
     S = cfg["image_size"]
@@ -474,11 +475,15 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False):
         embed, hires = model.prepare(fpn)
         embed, hires = embed[inv], [h[inv] for h in hires]
         dev = model.device
-        z = model.encode_latent(embed, ms.prompts[idx].to(dev), ms.boxes[idx].to(dev))
-        codes = model.rvq.quantize(z)[0]
-        if level1:
-            codes[:, 1:] = -1
-        logits, iou_pred = model.decode_logits(embed, hires, sparse_extra=model.rvq.embed(codes))
+        if boxes:
+            codes = torch.zeros(len(idx), cfg["levels"], dtype=torch.long)
+            logits, iou_pred = model.decode_logits(embed, hires, points=model.box_points(ms.boxes[idx].to(dev)))
+        else:
+            z = model.encode_latent(embed, ms.prompts[idx].to(dev), ms.boxes[idx].to(dev))
+            codes = model.rvq.quantize(z)[0]
+            if level1:
+                codes[:, 1:] = -1
+            logits, iou_pred = model.decode_logits(embed, hires, sparse_extra=model.rvq.embed(codes))
         best = logits[torch.arange(len(idx)), iou_pred.argmax(1)][:, None]
         pred = F.interpolate(best.float(), size=(S, S), mode="bilinear", align_corners=False)[:, 0] > cfg["mask_threshold"]
         pred = pred.cpu()
@@ -595,7 +600,10 @@ def main():
             opt.step()
             if master and (i % cfg["log_every"] == 0 or i == cfg["pretrain_steps"] - 1):
                 dt = (time.time() - t0) / (i + 1)
-                print(f"sam2 pretrain {i:5d} | loss {loss.item():.4f} | iou {tr_iou.item():.3f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step")
+                print(f"sam2 pretrain {i:5d} | loss {loss.item():.4f} | iou {tr_iou.item():.3f} | lr {lr:.2e} "
+                      f"| {dt * 1000:.0f} ms/step | {len(idx) / dt:.0f} masks/s")
+        if master:
+            print(f"sam2 pretrain val | box-prompt mIoU {evaluate(model, val_ms, cfg, boxes=True)[0].mean():.4f}")
         if master:
             sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("mask_encoder", "query", "rvq"))}
             atomic_save({"stage": "sam2", "meta": sam2_meta, "model": sd}, sam2_path)

@@ -1,0 +1,181 @@
+"""SAMTok tokenizer: the mask-word format, the model's public API, and the training script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tokenizer as T  # noqa: E402
+from common import atomic_save, configure  # noqa: E402
+from data import make_scene  # noqa: E402
+
+# A SAMTok small enough to build and run in a second: 64 px images, 32-d latent.
+TINY = ["--image_size=64", "--d_model=32", "--mlp_dim=64"]
+RUN = TINY + ["--n_train=8", "--n_val=4", "--n_test=4", "--pretrain_steps=3", "--pretrain_batch=2",
+              "--batch_size=8", "--unquantized_steps=2", "--kmeans_samples=256", "--log_every=1",
+              "--eval_every=0", "--ckpt_every=2"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = configure(T.DEFAULTS, T.PRESETS, TINY)
+    m = T.SAMTok(cfg).eval()
+    m.rvq.init_codebooks(torch.randn(512, 32))
+    return m
+
+
+# ---------------------------------------------------------------- masks as words
+def test_mask_tokens_are_514_words():
+    words = T.mask_tokens()
+    assert len(words) == 514 == len(set(words))
+    assert words[0] == "<|mt_start|>" and words[1] == "<|mt_0000|>" and words[-2] == "<|mt_0511|>"
+
+
+def test_text_round_trip_all_code_pairs():
+    a, b = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    codes = np.stack([a.ravel(), b.ravel()], 1)          # all 65,536 pairs
+    text = T.codes_to_text(codes)
+    assert T.codes_to_text([3, 7]) == "<|mt_start|><|mt_0003|><|mt_0263|><|mt_end|>"
+    assert T.text_to_codes(text) == [tuple(map(int, c)) for c in codes]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("no masks here", []),
+    ("", []),
+    (None, []),
+    ("<|mt_start|><|mt_0005|><|mt_0300|><|mt_0400|><|mt_end|>", [(5, 44)]),   # 3 codes: first two kept
+    ("<|mt_start|><|mt_0005|><|mt_end|>", [(5, -1)]),                           # 1 code: level 2 missing
+    ("<|mt_start|><|mt_0300|><|mt_0005|><|mt_end|>", [(-1, -1)]),               # swapped levels
+    ("<|mt_start|><|mt_0005|><|mt_0006|><|mt_end|>", [(5, -1)]),                # level-1 id in the level-2 slot
+    ("<|mt_start|><|mt_0999|><|mt_0300|><|mt_end|>", [(-1, 44)]),               # out of range
+    ("<|mt_start|><|mt_end|>", []),                                             # empty span
+    ("a <|mt_start|><|mt_0001|><|mt_0257|> b <|mt_start|><|mt_0002|><|mt_0258|><|mt_end|>", [(1, 1), (2, 2)]),
+    ("<|mt_0001|><|mt_0257|><|mt_end|><|mt_end|><|mt_start|>", [(1, 1)]),       # no start, stray end
+    ("<|mt_start|><|mt_12|><|mt_abcd|> <mt_0001> garbage", []),
+])
+def test_tolerant_parse(text, expected):
+    assert T.text_to_codes(text) == expected
+
+
+# ---------------------------------------------------------------- model API
+def test_encode_decode_shapes(model):
+    s = make_scene(3, size=64)
+    codes = model.encode(s["image"], s["masks"])
+    assert codes.shape == (len(s["masks"]), 2) and codes.dtype == torch.long
+    assert ((codes >= 0) & (codes < 256)).all()
+    masks = model.decode(s["image"], codes)
+    assert masks.shape == s["masks"].shape and masks.dtype == bool
+    # a non-square image: masks come back at the image's own size; level-1-only decodes too
+    img = np.zeros((40, 90, 3), np.uint8)
+    m = np.zeros((1, 40, 90), bool)
+    m[0, 10:20, 30:60] = True
+    c = model.encode(img, m)
+    assert model.decode(img, c).shape == (1, 40, 90)
+    assert model.decode(img, [[int(c[0, 0]), -1]]).shape == (1, 40, 90)
+    assert model.decode(img, np.zeros((0, 2), int)).shape == (0, 40, 90)
+
+
+def test_encode_converts_images_and_masks(model):
+    s = make_scene(4, size=64)
+    ref = model.encode(s["image"], s["masks"])
+    gray = s["image"].mean(-1).astype(np.uint8)
+    assert model.encode(gray, s["masks"]).shape == ref.shape
+    rgba = np.concatenate([s["image"], np.full((64, 64, 1), 255, np.uint8)], -1)
+    assert torch.equal(model.encode(rgba, s["masks"]), ref)                    # alpha dropped
+    assert torch.equal(model.encode(s["image"], s["masks"].astype(np.uint8) * 255), ref)  # 0/255 masks
+    assert torch.equal(model.encode(s["image"], s["masks"].astype(np.float32)), ref)      # float masks
+    assert torch.equal(model.encode(s["image"].astype(np.uint16) * 257, s["masks"]), ref)  # 16-bit
+
+
+def test_encode_rejects_bad_masks(model):
+    s = make_scene(5, size=64)
+    empty = s["masks"].copy()
+    empty[0] = False
+    with pytest.raises(ValueError, match="empty"):
+        model.encode(s["image"], empty)
+    with pytest.raises(ValueError, match="resize the masks"):
+        model.encode(s["image"], np.ones((1, 32, 32), bool))
+    with pytest.raises(ValueError):
+        model.encode(s["image"], np.ones((2, 2, 64, 64), bool))
+    with pytest.raises(ValueError):
+        model.decode(s["image"], [[300, 0]])
+
+
+def test_save_load_identical_codes(model, tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    atomic_save({"stage": "tokenizer", "config": model.cfg, "model": model.state_dict()}, path)
+    loaded = T.load_tokenizer(path)
+    s = make_scene(6, size=64)
+    assert torch.equal(loaded.encode(s["image"], s["masks"]), model.encode(s["image"], s["masks"]))
+    assert np.array_equal(loaded.decode(s["image"], [[1, 2]]), model.decode(s["image"], [[1, 2]]))
+    atomic_save({"stage": "sam2", "model": {}}, str(tmp_path / "other.pt"))
+    with pytest.raises(T.UserError, match="not a tokenizer"):
+        T.load_tokenizer(str(tmp_path / "other.pt"))
+    with pytest.raises(T.UserError, match="no tokenizer checkpoint"):
+        T.load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    cfg = configure(T.DEFAULTS, T.PRESETS, TINY)
+    m = T.SAMTok(cfg)
+    ms = T.MaskSet([make_scene(i, size=64) for i in range(4)], 64, 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m.rvq.init_codebooks(torch.randn(256, 32))
+    losses = []
+    for _ in range(25):
+        logits, iou_pred, commit, codes = m(None, ms.prompts, ms.boxes, mode="quant",
+                                            x=m.preprocess(ms.images), img_idx=ms.scene)
+        loss, _ = T.mask_loss(logits, iou_pred, ms.masks, cfg)
+        opt.zero_grad()
+        (loss + commit).backward()
+        opt.step()
+        losses.append(loss.item())
+    assert codes.shape == (len(ms), 2)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def run_script(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_script_interrupt_and_resume(tmp_path):
+    out = str(tmp_path / "tok")
+    r = run_script(RUN + [f"--out_dir={out}", "--steps=6", "--stop_after=3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "stopping after 3 steps" in r.stdout
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ck["step"] == 2 and ck["stage"] == "tokenizer"          # the last checkpoint before the stop
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    r = run_script(RUN + [f"--out_dir={out}", "--steps=6", "--resume=true"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step 2" in r.stdout and "step     3" in r.stdout and "step     1 " not in r.stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 6
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("recon_miou", "recon_miou_level1", "recon_miou_by_area", "usage", "perplexity",
+                "masks_per_s", "train_seconds"):
+        assert key in metrics
+    assert 0 <= metrics["recon_miou"] <= 1 and len(metrics["usage"]) == 2
+    assert os.path.exists(os.path.join(out, "recon.png"))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]     # no half-written files
+
+
+def test_script_bad_input(tmp_path):
+    r = run_script(["--no_such_option=1"], tmp_path)
+    assert r.returncode == 2 and "unknown option --no_such_option" in r.stderr and "Traceback" not in r.stderr
+    r = run_script(["--steps=abc"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_script(RUN + ["--data=" + str(tmp_path / "nowhere"), f"--out_dir={tmp_path / 'o'}"], tmp_path)
+    assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+    r = run_script(RUN + [f"--out_dir={tmp_path / 'o2'}", "--resume=true"], tmp_path)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
