@@ -63,9 +63,10 @@ DEFAULTS = dict(
     n_train=4000, n_val=100, n_test=500,   # scenes (shapes) / samples (folder)
     cache_features=True,        # frozen image encoder: compute its features once, reuse them
     # SAM2 pretraining with box prompts (only without --sam2_ckpt)
-    pretrain_steps=600, pretrain_batch=16, pretrain_lr=1e-3,
+    pretrain_steps=600, pretrain_batch=16, pretrain_lr=1e-3,   # batches count images
     # the tokenizer itself
-    steps=2500, batch_size=64, grad_accum=1,
+    steps=2500, batch_size=16, grad_accum=1,   # images per step per process, with their masks
+    masks_per_image=0,          # 0: every mask of each image; else a random subset of this many
     lr=5e-4, weight_decay=0.05, beta2=0.999, grad_clip=1.0, warmup_frac=0.05,
     unquantized_steps=400,      # warm-up through the continuous latent before k-means + VQ
     kmeans_samples=8192,
@@ -83,7 +84,7 @@ PRESETS = {
     "tiny": {},
     "paper": dict(sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml", sam2_overrides="",
                   image_size=1024, d_model=256, mlp_dim=2048, cache_features=False,
-                  pretrain_steps=0, steps=129_000, batch_size=1024, lr=4e-5, unquantized_steps=0,
+                  pretrain_steps=0, steps=129_000, batch_size=128, masks_per_image=8, lr=4e-5, unquantized_steps=0,
                   kmeans_samples=16384, dead_threshold=1.0, loss_res=0, train_prompt_encoder=False,
                   train_iou_head=False, mask_threshold=0.5, eval_every=5000, ckpt_every=2000,
                   n_train=10_000_000, n_val=200, n_test=1000),
@@ -228,17 +229,29 @@ class SAMTok(nn.Module):
         hs, _ = self.mask_encoder(embed + dense, pos, tokens)
         return hs[:, 0]
 
-    def decode_logits(self, embed, hires, sparse_extra=None, points=None):
+    def box_mask(self, boxes):
+        """(B, 4) boxes -> (B, 1, 4g, 4g) filled rectangles, a dense mask prompt for pretraining."""
+        g4, S = 4 * self.grid, self.cfg["image_size"]
+        c = (torch.arange(g4, device=boxes.device) + 0.5) * S / g4               # cell centres
+        inx = (c[None] >= boxes[:, 0:1]) & (c[None] <= boxes[:, 2:3])             # (B, 4g)
+        iny = (c[None] >= boxes[:, 1:2]) & (c[None] <= boxes[:, 3:4])
+        return (iny[:, :, None] & inx[:, None, :]).float()[:, None]
+
+    def decode_logits(self, embed, hires, code=None, boxes=None):
         """SAM2's mask decoder. The code embedding (B, D) is appended to the sparse prompt
-        tokens after two padding embeddings; the dense prompt is no_mask_embed. With points
-        instead (pretraining), a plain box-prompted SAM2. -> logits (B, 3, 4g, 4g), iou (B, 3)."""
+        tokens after two padding embeddings; the dense prompt is no_mask_embed. With boxes
+        instead (pretraining), a box-prompted SAM2. -> logits (B, 3, 4g, 4g), iou (B, 3)."""
         pe = self.sam_prompt_encoder
         B = embed.shape[0]
-        if points is not None:
-            sparse, dense = pe(points=points, boxes=None, masks=None)
+        if boxes is not None:
+            # the box as corner points *and* drawn as a dense mask prompt: the dense prompt
+            # tells the decoder where to look from step one, so pretraining spends its steps
+            # on learning what an object is (box IoU 0.76 after 250 steps, against 0.26 with
+            # corner points alone, which first have to learn to localize through attention)
+            sparse, dense = pe(points=self.box_points(boxes), boxes=None, masks=self.box_mask(boxes))
         else:
             pad = pe.not_a_point_embed.weight.expand(B, 2, -1)
-            sparse = torch.cat([pad, sparse_extra[:, None]], 1)
+            sparse = torch.cat([pad, code[:, None]], 1)
             dense = pe.no_mask_embed.weight.view(1, -1, 1, 1).expand(B, -1, self.grid, self.grid)
         logits, iou, _, _ = self.sam_mask_decoder(embed, pe.get_dense_pe(), sparse, dense, multimask_output=True,
                                                   repeat_image=False, high_res_features=hires)
@@ -250,18 +263,17 @@ class SAMTok(nn.Module):
         the residual VQ. Returns logits, predicted IoU, commitment loss, codes. Pass images x
         instead of features fpn to run (and train) the image encoder inside the forward;
         img_idx (B,) then says which image each mask belongs to."""
-        fpn = self.image_features(x) if fpn is None else fpn
-        if img_idx is not None:
-            fpn = [f[img_idx] for f in fpn]
-        embed, hires = self.prepare(fpn)
+        embed, hires = self.prepare(self.image_features(x) if fpn is None else fpn)
+        if img_idx is not None:  # per image above, per mask below
+            embed, hires = embed[img_idx], [h[img_idx] for h in hires]
         if mode == "box":
-            logits, iou = self.decode_logits(embed, hires, points=self.box_points(boxes))
+            logits, iou = self.decode_logits(embed, hires, boxes=boxes)
             return logits, iou, embed.new_zeros(()), None
         z = self.encode_latent(embed, mask_prompt, boxes)
         commit, codes = z.new_zeros(()), None
         if mode == "quant":
             z, codes, commit = self.rvq(z)
-        logits, iou = self.decode_logits(embed, hires, sparse_extra=z)
+        logits, iou = self.decode_logits(embed, hires, code=z)
         return logits, iou, commit, codes
 
     # ---- public API
@@ -316,7 +328,7 @@ class SAMTok(nn.Module):
         embed, hires = self.prepare(self.image_features(self.preprocess(image[None])))
         n = len(codes)
         logits, iou = self.decode_logits(embed.expand(n, -1, -1, -1), [h.expand(n, -1, -1, -1) for h in hires],
-                                         sparse_extra=self.rvq.embed(codes))
+                                         code=self.rvq.embed(codes))
         best = logits[torch.arange(n), iou.argmax(1)][:, None]      # best of 3 by predicted IoU
         up = F.interpolate(best, size=image.shape[:2], mode="bilinear", align_corners=False)
         return (up[:, 0] > self.cfg["mask_threshold"]).cpu().numpy()
@@ -405,9 +417,12 @@ class MaskSet:
         counts = torch.bincount(self.scene, minlength=len(scenes))
         self.start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # scene i: start[i]:start[i+1]
 
-    def masks_of(self, scenes):
-        """All mask indices of the given scenes, and for each mask its position in `scenes`."""
+    def masks_of(self, scenes, cap=0, generator=None):
+        """All mask indices of the given scenes (at most `cap` random ones per scene when cap > 0),
+        and for each mask its position in `scenes`."""
         idx = [torch.arange(self.start[s], self.start[s + 1]) for s in scenes.tolist()]
+        if cap:
+            idx = [ix[torch.randperm(len(ix), generator=generator)[:cap]] for ix in idx]
         pos = torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(idx)])
         return torch.cat(idx), pos
 
@@ -477,13 +492,15 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=F
         dev = model.device
         if boxes:
             codes = torch.zeros(len(idx), cfg["levels"], dtype=torch.long)
-            logits, iou_pred = model.decode_logits(embed, hires, points=model.box_points(ms.boxes[idx].to(dev)))
+            logits, iou_pred = model.decode_logits(embed, hires, boxes=ms.boxes[idx].to(dev))
         else:
             z = model.encode_latent(embed, ms.prompts[idx].to(dev), ms.boxes[idx].to(dev))
             codes = model.rvq.quantize(z)[0]
             if level1:
                 codes[:, 1:] = -1
-            logits, iou_pred = model.decode_logits(embed, hires, sparse_extra=model.rvq.embed(codes))
+            if bool(model.rvq.initialized):
+                z = model.rvq.embed(codes)
+            logits, iou_pred = model.decode_logits(embed, hires, code=z)
         best = logits[torch.arange(len(idx)), iou_pred.argmax(1)][:, None]
         pred = F.interpolate(best.float(), size=(S, S), mode="bilinear", align_corners=False)[:, 0] > cfg["mask_threshold"]
         pred = pred.cpu()
@@ -553,7 +570,11 @@ def main():
                                                          find_unused_parameters=True)
 
     def sample(n):
-        return torch.randint(len(train_ms), (n,), generator=gen)
+        """A training batch the way SAM trains: n random images and (up to masks_per_image of)
+        their masks; the image-level work then runs once per image, not once per mask."""
+        scenes = torch.randint(len(train_ms.images), (n,), generator=gen)
+        idx, img_idx = train_ms.masks_of(scenes, cfg["masks_per_image"], gen)
+        return scenes, idx, img_idx
 
     # ---------------------------------------------------------------- phase 1: SAM2 weights
     sam2_meta = {k: cfg[k] for k in SAM2_KEYS + ("data", "n_train", "pretrain_steps", "seed")}
@@ -584,9 +605,7 @@ def main():
             lr = lr_at(i, cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["warmup_frac"])
             for gr in opt.param_groups:
                 gr["lr"] = lr
-            # B images per step and every mask in them: one encoder pass, ~3.5x the supervision
-            scenes = torch.randint(len(train_ms.images), (B,), generator=gen)
-            idx, img_idx = train_ms.masks_of(scenes)
+            scenes, idx, img_idx = sample(B)
             x = model.preprocess(train_ms.images[scenes.numpy()])
             box = train_ms.boxes[idx]
             wh = (box[:, 2:] - box[:, :2]).repeat(1, 2)
@@ -647,8 +666,7 @@ def main():
             mb = sum(c.numel() * 2 for c in cache) / 2 ** 20
             print(f"cached image features: {mb:.0f} MB in {time.time() - t0:.1f} s")
 
-    def fpn_for(idx):
-        sc = train_ms.scene[idx]
+    def fpn_for(sc):
         if cache is not None:
             return [c[sc].to(device).float() for c in cache]
         with torch.no_grad(), amp:
@@ -667,10 +685,11 @@ def main():
             # Data-driven codebooks: k-means on latents of the warmed-up encoder, residual per level.
             with torch.no_grad():
                 zs = []
-                for _ in range(max(1, cfg["kmeans_samples"] // 256)):
-                    idx = sample(256)
-                    embed, _ = model.prepare(fpn_for(idx))
-                    zs.append(model.encode_latent(embed, train_ms.prompts[idx].to(device), train_ms.boxes[idx].to(device)).float())
+                while sum(map(len, zs)) < cfg["kmeans_samples"]:
+                    scenes, idx, img_idx = sample(64)
+                    embed, _ = model.prepare(fpn_for(scenes))
+                    zs.append(model.encode_latent(embed[img_idx], train_ms.prompts[idx].to(device),
+                                                  train_ms.boxes[idx].to(device)).float())
                 model.rvq.init_codebooks(torch.cat(zs))
             if master:
                 print(f"step {step}: codebooks initialised by k-means on {len(torch.cat(zs))} latents")
@@ -679,10 +698,10 @@ def main():
         for gr in opt.param_groups:
             gr["lr"] = lr
         for micro in range(cfg["grad_accum"]):
-            idx = sample(B)
+            scenes, idx, img_idx = sample(B)
             with amp:
-                logits, iou_pred, commit, codes = net(fpn_for(idx), train_ms.prompts[idx].to(device),
-                                                      train_ms.boxes[idx].to(device), mode=mode)
+                logits, iou_pred, commit, codes = net(fpn_for(scenes), train_ms.prompts[idx].to(device),
+                                                      train_ms.boxes[idx].to(device), mode=mode, img_idx=img_idx.to(device))
                 loss, tr_iou = mask_loss(logits.float(), iou_pred, train_ms.masks[idx].to(device), cfg)
                 loss = (loss + commit) / cfg["grad_accum"]
             loss.backward()
@@ -696,11 +715,11 @@ def main():
             h = model.rvq.health()
             print(f"step {step:5d} {mode:6s} | loss {loss.item() * cfg['grad_accum']:.4f} | commit {commit.item():.4f} "
                   f"| iou {tr_iou.item():.3f} | usage {'/'.join(f'{u:.0%}' for u in h['usage'])} "
-                  f"| lr {lr:.2e} | {dt * 1000:.0f} ms/step | {B * cfg['grad_accum'] * world / dt:.0f} masks/s")
+                  f"| lr {lr:.2e} | {dt * 1000:.0f} ms/step | {len(idx) * cfg['grad_accum'] * world / dt:.0f} masks/s")
             model.rvq.reset_window()
         if master and cfg["eval_every"] and step % cfg["eval_every"] == 0 and step < steps:
             vi = evaluate(model, val_ms, cfg)[0]
-            print(f"step {step:5d} val | recon mIoU {vi.mean():.4f}")
+            print(f"step {step:5d} val | recon mIoU {vi.mean():.4f}" + ("" if mode == "quant" else " (unquantized)"))
         if step % cfg["ckpt_every"] == 0 or step == steps:
             save(step)
         if cfg["stop_after"] and run_steps >= cfg["stop_after"] and step < steps:

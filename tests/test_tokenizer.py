@@ -19,7 +19,7 @@ from data import make_scene  # noqa: E402
 # A SAMTok small enough to build and run in a second: 64 px images, 32-d latent.
 TINY = ["--image_size=64", "--d_model=32", "--mlp_dim=64"]
 RUN = TINY + ["--n_train=8", "--n_val=4", "--n_test=4", "--pretrain_steps=3", "--pretrain_batch=2",
-              "--batch_size=8", "--unquantized_steps=2", "--kmeans_samples=256", "--log_every=1",
+              "--batch_size=2", "--unquantized_steps=2", "--kmeans_samples=256", "--log_every=1",
               "--eval_every=0", "--ckpt_every=2"]
 
 
