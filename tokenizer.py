@@ -64,6 +64,7 @@ DEFAULTS = dict(
     cache_features=True,        # frozen image encoder: compute its features once, reuse them
     # SAM2 pretraining with box prompts (only without --sam2_ckpt)
     pretrain_steps=600, pretrain_batch=16, pretrain_lr=1e-3,   # batches count images
+    pretrain_dense_box=0.5,     # fraction of pretraining boxes also drawn as a dense mask prompt
     # the tokenizer itself
     steps=2500, batch_size=16, grad_accum=1,   # images per step per process, with their masks
     masks_per_image=0,          # 0: every mask of each image; else a random subset of this many
@@ -237,18 +238,24 @@ class SAMTok(nn.Module):
         iny = (c[None] >= boxes[:, 1:2]) & (c[None] <= boxes[:, 3:4])
         return (iny[:, :, None] & inx[:, None, :]).float()[:, None]
 
-    def decode_logits(self, embed, hires, code=None, boxes=None):
+    def decode_logits(self, embed, hires, code=None, boxes=None, dense_box=None):
         """SAM2's mask decoder. The code embedding (B, D) is appended to the sparse prompt
         tokens after two padding embeddings; the dense prompt is no_mask_embed. With boxes
-        instead (pretraining), a box-prompted SAM2. -> logits (B, 3, 4g, 4g), iou (B, 3)."""
+        instead (pretraining), a box-prompted SAM2; dense_box (B,) bool says which boxes are
+        also drawn as a dense mask prompt. -> logits (B, 3, 4g, 4g), iou (B, 3)."""
         pe = self.sam_prompt_encoder
         B = embed.shape[0]
         if boxes is not None:
-            # the box as corner points *and* drawn as a dense mask prompt: the dense prompt
-            # tells the decoder where to look from step one, so pretraining spends its steps
-            # on learning what an object is (box IoU 0.76 after 250 steps, against 0.26 with
-            # corner points alone, which first have to learn to localize through attention)
-            sparse, dense = pe(points=self.box_points(boxes), boxes=None, masks=self.box_mask(boxes))
+            # The box as corner points, and for some samples also drawn as a dense mask prompt.
+            # The dense box tells the decoder where to look from step one, so pretraining spends
+            # its steps on learning what an object is (box IoU 0.76 after 250 steps, against
+            # 0.26 with corner points alone, which must first learn to localize through
+            # attention). The corner-only samples keep teaching that sparse-token path, the
+            # one the code token of the tokenizer will use.
+            sparse, dense = pe(points=self.box_points(boxes), boxes=None, masks=None)
+            if dense_box is not None and dense_box.any():
+                drawn = pe.mask_downscaling(self.box_mask(boxes))
+                dense = torch.where(dense_box.view(-1, 1, 1, 1), drawn, dense.expand_as(drawn))
         else:
             pad = pe.not_a_point_embed.weight.expand(B, 2, -1)
             sparse = torch.cat([pad, code[:, None]], 1)
@@ -257,7 +264,7 @@ class SAMTok(nn.Module):
                                                   repeat_image=False, high_res_features=hires)
         return logits, iou
 
-    def forward(self, fpn, mask_prompt=None, boxes=None, mode="quant", x=None, img_idx=None):
+    def forward(self, fpn, mask_prompt=None, boxes=None, mode="quant", x=None, img_idx=None, dense_box=None):
         """One training forward (what DDP wraps). mode: "box" = SAM2 pretraining with box
         prompts; "latent" = the tokenizer with the unquantized z (warm-up); "quant" = through
         the residual VQ. Returns logits, predicted IoU, commitment loss, codes. Pass images x
@@ -267,7 +274,7 @@ class SAMTok(nn.Module):
         if img_idx is not None:  # per image above, per mask below
             embed, hires = embed[img_idx], [h[img_idx] for h in hires]
         if mode == "box":
-            logits, iou = self.decode_logits(embed, hires, boxes=boxes)
+            logits, iou = self.decode_logits(embed, hires, boxes=boxes, dense_box=dense_box)
             return logits, iou, embed.new_zeros(()), None
         z = self.encode_latent(embed, mask_prompt, boxes)
         commit, codes = z.new_zeros(()), None
@@ -514,7 +521,7 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=F
 
 def save_grid(path, ms, preds, preds_l1, n_scenes=8):
     """A PNG: per test scene, the image, the input masks, the 2-code and the level-1 rebuilds."""
-    from PIL import Image
+    from PIL import Image, ImageDraw
     from common import overlay
     rows = []
     for s in range(min(n_scenes, len(ms.images))):
@@ -523,7 +530,15 @@ def save_grid(path, ms, preds, preds_l1, n_scenes=8):
         rows.append(np.concatenate([img, overlay(img, ms.masks[sel].numpy()), overlay(img, preds[sel].numpy()),
                                     overlay(img, preds_l1[sel].numpy())], 1))
     grid = np.concatenate(rows, 0)
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    img = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+    header = Image.new("RGB", (img.width, 24), "white")
+    draw, w = ImageDraw.Draw(header), img.width // 4
+    for i, title in enumerate(["image", "input masks", "2 codes -> masks", "level 1 only"]):
+        draw.text((i * w + 6, 6), title, fill="black")
+    page = Image.new("RGB", (img.width, img.height + 24), "white")
+    page.paste(header, (0, 0))
+    page.paste(img, (0, 24))
+    page.save(path)
 
 
 def main():
@@ -611,7 +626,9 @@ def main():
             wh = (box[:, 2:] - box[:, :2]).repeat(1, 2)
             box = box + 0.05 * wh * torch.randn(box.shape, generator=gen)  # SAM's box jitter
             with amp:
-                logits, iou_pred, _, _ = net(None, boxes=box.to(device), mode="box", x=x, img_idx=img_idx.to(device))
+                dense_box = torch.rand(len(idx), generator=gen) < cfg["pretrain_dense_box"]
+                logits, iou_pred, _, _ = net(None, boxes=box.to(device), mode="box", x=x, img_idx=img_idx.to(device),
+                                             dense_box=dense_box.to(device))
                 loss, tr_iou = mask_loss(logits.float(), iou_pred, train_ms.masks[idx].to(device), cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -622,7 +639,7 @@ def main():
                 print(f"sam2 pretrain {i:5d} | loss {loss.item():.4f} | iou {tr_iou.item():.3f} | lr {lr:.2e} "
                       f"| {dt * 1000:.0f} ms/step | {len(idx) / dt:.0f} masks/s")
         if master:
-            print(f"sam2 pretrain val | box-prompt mIoU {evaluate(model, val_ms, cfg, boxes=True)[0].mean():.4f}")
+            print(f"sam2 pretrain val | box-prompt mIoU (corner points only) {evaluate(model, val_ms, cfg, boxes=True)[0].mean():.4f}")
         if master:
             sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("mask_encoder", "query", "rvq"))}
             atomic_save({"stage": "sam2", "meta": sam2_meta, "model": sd}, sam2_path)
@@ -676,6 +693,7 @@ def main():
         if master:
             atomic_save({"stage": "tokenizer", "config": cfg, "model": model.state_dict(),
                          "optimizer": opt.state_dict(), "step": step}, ckpt_path)
+            write_json(os.path.join(out, "config.json"), cfg)  # the effective config, beside it
 
     net = wrap(model)
     B, steps, t0, run_steps = cfg["batch_size"], cfg["steps"], time.time(), 0
