@@ -63,13 +63,13 @@ DEFAULTS = dict(
     n_train=4000, n_val=100, n_test=500,   # scenes (shapes) / samples (folder)
     cache_features=True,        # frozen image encoder: compute its features once, reuse them
     # SAM2 pretraining with box prompts (only without --sam2_ckpt)
-    pretrain_steps=600, pretrain_batch=16, pretrain_lr=1e-3,   # batches count images
+    pretrain_steps=500, pretrain_batch=16, pretrain_lr=1e-3,   # batches count images
     pretrain_dense_box=0.5,     # fraction of pretraining boxes also drawn as a dense mask prompt
     # the tokenizer itself
-    steps=2500, batch_size=16, grad_accum=1,   # images per step per process, with their masks
+    steps=1600, batch_size=16, grad_accum=1,   # images per step per process, with their masks
     masks_per_image=0,          # 0: every mask of each image; else a random subset of this many
     lr=5e-4, weight_decay=0.05, beta2=0.999, grad_clip=1.0, warmup_frac=0.05,
-    unquantized_steps=400,      # warm-up through the continuous latent before k-means + VQ
+    unquantized_steps=300,      # warm-up through the continuous latent before k-means + VQ
     kmeans_samples=8192,
     bce_weight=2.0, dice_weight=0.5, commitment_weight=1.0,
     ema_decay=0.99, dead_threshold=0.05,
