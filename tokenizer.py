@@ -103,9 +103,13 @@ def mask_tokens():
 
 
 def codes_to_text(codes):
-    """(2,) or (N, 2) codes -> the mask words, one 4-token group per mask."""
+    """(2,) or (N, 2) codes -> the mask words, one 4-token group per mask (a level coded -1,
+    "missing", writes no word: a level-1-only mask is 3 tokens)."""
     codes = np.asarray(codes).reshape(-1, 2)
-    return "".join(f"{MASK_START}<|mt_{int(a):04d}|><|mt_{K + int(b):04d}|>{MASK_END}" for a, b in codes)
+    if ((codes < -1) | (codes >= K)).any():
+        raise ValueError(f"codes must be in [-1, {K - 1}]")
+    word = lambda c, level: f"<|mt_{level * K + int(c):04d}|>" if c >= 0 else ""
+    return "".join(f"{MASK_START}{word(a, 0)}{word(b, 1)}{MASK_END}" for a, b in codes)
 
 
 _WORD = re.compile(r"<\|mt_(start|end|\d{4})\|>")
@@ -675,10 +679,13 @@ def main():
     if cfg["cache_features"]:
         # The frozen encoder gives the same features every epoch: compute them once (fp16).
         t0 = time.time()
+        parts = [[], [], []]
         with torch.no_grad(), amp:
-            chunks = [model.image_features(model.preprocess(train_ms.images[i:i + 64]))
-                      for i in range(0, len(train_ms.images), 64)]
-        cache = [torch.cat([c[l] for c in chunks]).half() for l in range(3)]
+            for i in range(0, len(train_ms.images), 64):
+                for level, f in enumerate(model.image_features(model.preprocess(train_ms.images[i:i + 64]))):
+                    parts[level].append(f.half())
+        cache = [torch.cat(p) for p in parts]
+        del parts
         if master:
             mb = sum(c.numel() * 2 for c in cache) / 2 ** 20
             print(f"cached image features: {mb:.0f} MB in {time.time() - t0:.1f} s")

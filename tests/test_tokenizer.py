@@ -45,6 +45,9 @@ def test_text_round_trip_all_code_pairs():
     text = T.codes_to_text(codes)
     assert T.codes_to_text([3, 7]) == "<|mt_start|><|mt_0003|><|mt_0263|><|mt_end|>"
     assert T.text_to_codes(text) == [tuple(map(int, c)) for c in codes]
+    assert T.text_to_codes(T.codes_to_text([[9, -1]])) == [(9, -1)]     # level-1-only mask
+    with pytest.raises(ValueError):
+        T.codes_to_text([[256, 0]])
 
 
 @pytest.mark.parametrize("text, expected", [
