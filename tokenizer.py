@@ -596,7 +596,8 @@ def main():
         return scenes, idx, img_idx
 
     # ---------------------------------------------------------------- phase 1: SAM2 weights
-    sam2_meta = {k: cfg[k] for k in SAM2_KEYS + ("data", "n_train", "pretrain_steps", "seed")}
+    # a saved pretraining is reused only when everything that shaped it is the same
+    sam2_meta = {k: cfg[k] for k in cfg if k in SAM2_KEYS + ("data", "n_train", "seed") or k.startswith("pretrain_")}
     if resumed is not None:
         pass  # the checkpoint holds every weight
     elif cfg["sam2_ckpt"]:
