@@ -1,0 +1,312 @@
+"""SFT (Stage 2): vocabulary surgery, label masking, length limits, learning, DDP / FSDP2 parity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import sft  # noqa: E402
+import tokenizer as T  # noqa: E402
+from common import atomic_save, configure  # noqa: E402
+from data import iter_scenes  # noqa: E402
+
+# A VLM small enough to build in a fraction of a second and step in ~50 ms.
+TINY = ["--hidden_size=64", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--intermediate_size=128",
+        "--vision_hidden=32", "--vision_depth=1", "--vision_heads=2", "--vision_intermediate=64", "--bpe_vocab=600"]
+
+
+@pytest.fixture(scope="module")
+def tok_ckpt(tmp_path_factory):
+    """A tiny random SAMTok checkpoint (64 px, 32-d latent): its codes are arbitrary but fixed."""
+    torch.manual_seed(0)
+    cfg = configure(T.DEFAULTS, T.PRESETS, ["--image_size=64", "--d_model=32", "--mlp_dim=64"])
+    m = T.SAMTok(cfg).eval()
+    m.rvq.init_codebooks(torch.randn(512, 32))
+    path = str(tmp_path_factory.mktemp("tok") / "ckpt.pt")
+    atomic_save({"stage": "tokenizer", "config": m.cfg, "model": m.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tok_ckpt, tmp_path_factory):
+    """6 train scenes -> images, samples (with codes from the tiny tokenizer), scenes, cfg."""
+    out = str(tmp_path_factory.mktemp("sft"))
+    cfg = configure(sft.DEFAULTS, sft.PRESETS, TINY + [f"--tokenizer_ckpt={tok_ckpt}", f"--out_dir={out}"])
+    tok = T.load_tokenizer(tok_ckpt)
+    images, samples, scenes, _ = sft.load_world("train", 6, tok, cfg, ("refer", "caption", "gcg"))
+    return images, samples, scenes, cfg
+
+
+def build(cfg, **over):
+    cfg = dict(cfg, **over)
+    scenes = [s for _, s in iter_scenes("train", 20)]
+    torch.manual_seed(0)
+    processor = sft.build_processor(cfg, sft.text_corpus(scenes))
+    return sft.build_model(cfg, processor).eval(), processor
+
+
+def fake_batch(processor, model, n=3):
+    ids = torch.randint(0, len(processor.tokenizer), (n, 12))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+# ---------------------------------------------------------------- vocabulary surgery
+@pytest.mark.parametrize("vocab_pad, tie", [(1024, False), (2048, True)])
+def test_vocabulary_surgery(world, tmp_path, vocab_pad, tie):
+    """Padded matrices (rows > tokenizer length): nothing shrinks, every new row is initialised
+    (inside the old padding too), old rows are untouched, ids round-trip, save -> load is exact."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model, processor = build(world[3], vocab_pad=vocab_pad, tie_embeddings=tie)
+    old_len, old_rows = len(processor.tokenizer), model.get_input_embeddings().weight.shape[0]
+    assert old_rows > old_len
+    with torch.no_grad():  # padding rows get a sentinel value: "leftover padding" must not survive
+        model.get_input_embeddings().weight[old_len:] = 7.0
+        model.get_output_embeddings().weight[old_len:] = 7.0
+    emb_before = model.get_input_embeddings().weight[:old_len].clone()
+    head_before = model.get_output_embeddings().weight[:old_len].clone()
+    ids = sft.add_mask_tokens(model, processor)
+    tok = processor.tokenizer
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert len(ids) == 514 and ids == list(range(old_len, old_len + 514))
+    assert emb.shape[0] == head.shape[0] == max(old_rows, len(tok)) >= old_rows          # never shrinks
+    assert (emb.data_ptr() == head.data_ptr()) == tie
+    assert torch.equal(emb[:old_len], emb_before) and torch.equal(head[:old_len], head_before)
+    for W, before in ((emb, emb_before), (head, head_before)):
+        new = W[ids]
+        assert not (new == 7.0).any() and not (new == 0).all(1).any()
+        mean, std = before.mean(0), before.std(0)
+        assert ((new - mean).abs() <= 0.02 * 6 * std + 1e-6).all()      # mean + 0.02 N(0,1) std
+        assert len(torch.unique(new, dim=0)) == 514                     # distinct rows
+    if old_rows > len(tok):
+        assert (emb[len(tok):] == 7.0).all()                            # padding past the words kept
+    for w, i in zip(T.mask_tokens(), ids):
+        assert tok.encode(w, add_special_tokens=False) == [i] and tok.decode([i]) == w
+    text = "Segment " + T.codes_to_text([[12, 200], [0, 255]])
+    assert T.text_to_codes(tok.decode(tok.encode(text, add_special_tokens=False))) == [(12, 200), (0, 255)]
+    assert sft.add_mask_tokens(model, processor) == ids and torch.equal(model.get_input_embeddings().weight, emb)
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model2 = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    proc2 = AutoProcessor.from_pretrained(tmp_path)
+    assert proc2.tokenizer.convert_tokens_to_ids(T.mask_tokens()) == ids
+    assert not proc2.tokenizer.added_tokens_decoder[ids[5]].special
+    images, samples = world[0], world[1]
+    ss, _ = sft.tokenize(sft.conversations(samples, 3, 0)[:3], images, processor, 10 ** 9)
+    batch, _ = sft.collate(ss, images, processor)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, model2(**batch).logits)
+
+
+def test_qwen3_vl_builds_and_takes_the_words(world):
+    model, processor = build(world[3], model_type="qwen3_vl")
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    ids = sft.add_mask_tokens(model, processor)
+    ss, _ = sft.tokenize(sft.conversations(world[1], 3, 0)[:2], world[0], processor, 10 ** 9)
+    batch, labels = sft.collate(ss, world[0], processor)
+    loss, hits = sft.token_loss(model, batch, labels, torch.tensor(ids[1:-1]))
+    assert torch.isfinite(loss) and hits[1] > 0
+
+
+# ---------------------------------------------------------------- data
+def test_labels_cover_exactly_the_assistant_tokens(world):
+    """Conversations of 1 and 3 turns: ids identical to what the real processor makes of the
+    rendered chat; the loss falls on the assistant's replies (+ <|im_end|>) and nothing else."""
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg)
+    sft.add_mask_tokens(model, processor)
+    tok = processor.tokenizer
+    picked = [next(s for s in samples if s["task"] == t) for t in ("refer", "caption", "gcg")]
+    picked.append(next(s for s in samples if s["task"] == "refer" and s["kind"] == "none"))
+    three = [s for s in samples if s["img"] == 1][:3]
+    convs, dropped = sft.tokenize([[s] for s in picked] + [three], images, processor, 10 ** 9)
+    assert dropped == 0
+    batch, labels = sft.collate(convs, images, processor)
+    for k, c in enumerate(convs):
+        msgs = []
+        for j, t in enumerate(c["turns"]):
+            msgs.append({"role": "user", "content": ([{"type": "image"}] if j == 0 else []) + [{"type": "text", "text": t["prompt"]}]})
+            msgs.append({"role": "assistant", "content": t["answer"]})
+        text = processor.apply_chat_template(msgs, tokenize=False).rstrip("\n")
+        ref = processor(text=[text], images=[images[c["img"]]], return_tensors="pt")
+        n = ref["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][k, :n], ref["input_ids"][0])
+        assert torch.equal(batch["mm_token_type_ids"][k, :n], ref["mm_token_type_ids"][0].long())
+        on = labels[k] != -100
+        assert tok.decode(labels[k][on]) == "".join(t["answer"] + "<|im_end|>" for t in c["turns"])
+        assert not on[n:].any() and on.nonzero().min() == c["n_prompt"]
+        # each labelled run is exactly one reply: it starts right after "<|im_start|>assistant\n"
+        starts = [i for i in range(n) if on[i] and not on[i - 1]]
+        assert len(starts) == len(c["turns"])
+        for i in starts:
+            assert tok.decode(batch["input_ids"][k, i - 3:i]) == "<|im_start|>assistant\n"
+        assert not on[batch["input_ids"][k] == processor.image_token_id].any()
+    n_pix = sum(int(g.prod()) for g in batch["image_grid_thw"])
+    assert batch["pixel_values"].shape[0] == n_pix and len(batch["image_grid_thw"]) == len(convs)
+    assert picked[0]["answer"].startswith(T.MASK_START) and picked[3]["answer"] == sft.NO_TARGET
+    assert "<|object_ref_start|>" in picked[2]["answer"] and T.text_to_codes(picked[2]["answer"])
+
+
+def test_targets_sorted_by_box_centre(world):
+    images, samples, scenes, cfg = world
+    multi = [s for s in samples if s["task"] == "refer" and len(s["targets"]) > 1]
+    assert multi
+    for s in multi:
+        box = scenes[s["img"]][1]["boxes"][s["targets"]]
+        cx = (box[:, 0] + box[:, 2]) / 2
+        assert (np.diff(cx) >= 0).all()
+        assert len(T.text_to_codes(s["answer"])) == len(s["targets"])
+
+
+def test_long_sample_dropped_and_counted_never_cut(world):
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg)
+    convs = sft.conversations(samples, 4, 0)
+    full, _ = sft.tokenize(convs, images, processor, 10 ** 9)
+    lengths = np.array([len(c["ids"]) for c in full])
+    limit = int(np.median(lengths))
+    kept, dropped = sft.tokenize(convs, images, processor, limit)
+    assert dropped == (lengths > limit).sum() > 0 and len(kept) + dropped == len(convs)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for c in kept:   # every kept conversation whole: all its image tokens, every reply to <|im_end|>
+        assert len(c["ids"]) <= limit and c["ids"][-1] == end and c["lab"][-1]
+        assert sum(i == processor.image_token_id for i in c["ids"]) == 16
+        assert sum(i == end and lab for i, lab in zip(c["ids"], c["lab"])) == len(c["turns"])
+
+
+def test_length_buckets_pad_little(world):
+    images, samples, scenes, cfg = world
+    lengths = [len(s) for s in ["x" * n for n in np.random.default_rng(0).integers(20, 120, 3000)]]
+    stream = sft.micro_batches(lengths, 16, 0, 64)
+    pad = tot = 0
+    seen = []
+    for _ in range(3000 // 16):
+        mb = next(stream)
+        seen += mb
+        L = [lengths[j] for j in mb]
+        pad, tot = pad + sum(max(L) - x for x in L), tot + max(L) * len(L)
+    assert pad / tot < 0.05
+    assert len(set(seen)) == len(seen)   # an epoch visits every sample once
+
+
+# ---------------------------------------------------------------- learning
+def test_sft_steps_lower_the_loss(world):
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg)
+    ids = sft.add_mask_tokens(model, processor)
+    ss, _ = sft.tokenize(sft.conversations(samples, 4, 0)[:4], images, processor, 10 ** 9)
+    batch, labels = sft.collate(ss, images, processor)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = sft.token_loss(model, batch, labels, torch.tensor(ids[1:-1]))
+        loss = loss / (labels[:, 1:] != -100).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(world):
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg)
+    ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
+    ss, _ = sft.tokenize(sft.conversations(samples, 4, 0)[:2], images, processor, 10 ** 9)
+    batch, labels = sft.collate(ss, images, processor)
+    model.train()
+    grads = []
+    for ckpt in (False, True):
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        sft.token_loss(model, batch, labels, ids)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the script: DDP, FSDP2, resume, evaluation
+def run(args, nproc=0):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                 if nproc else [])
+    return subprocess.Popen(launch + [os.path.join(ROOT, "sft.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p):
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+def losses_of(out):
+    return [float(line.split("| loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")]
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model", "model.safetensors"))
+
+
+def test_script_ddp_fsdp_resume_eval(world, tok_ckpt, tmp_path):
+    """A config-built model saved as a 'base model' folder; from it, the same global batch of
+    2 x 4 conversations a step in three ways: one process (grad_accum=2) interrupted after 2 of 3
+    steps and resumed, DDP on 2 processes, FSDP2 on 2 processes. All three give the same losses
+    and the same final weights; the resumed run then evaluates and writes metrics + gallery."""
+    from transformers import AutoProcessor
+    base = str(tmp_path / "base")
+    model, processor = build(world[3])
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    common = [f"--tokenizer_ckpt={tok_ckpt}", f"--base_model={base}", "--n_train=6", "--steps=3",
+              "--batch_size=4", "--log_every=1", "--lr=3e-3", "--turns=4"]
+    o = {k: str(tmp_path / k) for k in ("one", "ddp", "fsdp")}
+    jobs = [run(common + [f"--out_dir={o['ddp']}", "--eval_n=0"], nproc=2),
+            run(common + [f"--out_dir={o['fsdp']}", "--eval_n=0", "--fsdp=true"], nproc=2)]
+    single = common + [f"--out_dir={o['one']}", "--grad_accum=2"]
+    first = finish(run(single + ["--eval_n=0", "--stop_after=2", "--ckpt_every=1"]))
+    second = finish(run(single + ["--eval_n=2", "--eval_batch=8", "--resume=true"]))
+    ddp, fsdp = finish(jobs[0]), finish(jobs[1])
+
+    assert "stopping after 2 steps" in first and "resuming from step 2" in second
+    ref = losses_of(first) + losses_of(second)
+    assert len(ref) == 3 and ref[-1] < ref[0]
+    assert np.allclose(losses_of(ddp), ref, atol=2e-4), (losses_of(ddp), ref)
+    assert np.allclose(losses_of(fsdp), ref, atol=2e-4), (losses_of(fsdp), ref)
+    w1 = weights(o["one"])
+    for other in ("ddp", "fsdp"):
+        w2 = weights(o[other])
+        assert w1.keys() == w2.keys()
+        assert all(torch.allclose(w1[k], w2[k], atol=2e-5) for k in w1), other
+
+    metrics = json.load(open(os.path.join(o["one"], "metrics.json")))
+    for key in ("refer_miou", "refer_ciou", "nacc", "exact_match", "caption_attr_acc", "tokenizer_ceiling_miou",
+                "padding_fraction", "train_seconds"):
+        assert key in metrics
+    assert 0 <= metrics["refer_miou"] <= 1 and 0 <= metrics["tokenizer_ceiling_miou"] <= 1
+    assert os.path.exists(os.path.join(o["one"], "gallery.png"))
+    saved = AutoProcessor.from_pretrained(os.path.join(o["one"], "model"))
+    assert len(saved.tokenizer) == len(processor.tokenizer) + 514
+    assert not [f for f in os.listdir(o["one"]) if f.endswith((".tmp", ".old"))]
+
+
+def test_script_bad_input(tmp_path):
+    p = finish_bad(run(["--no_such_option=1"]))
+    assert "unknown option --no_such_option" in p
+    p = finish_bad(run([f"--tokenizer_ckpt={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path}"]))
+    assert "no tokenizer checkpoint" in p and "tokenizer.py" in p
+
+
+def finish_bad(p):
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "Traceback" not in err, err
+    return err
