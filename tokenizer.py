@@ -346,14 +346,9 @@ class SAMTok(nn.Module):
 
 
 def boxes_of(masks):
-    """(N, H, W) bool -> (N, 4) float xyxy tight boxes (x2, y2 exclusive)."""
-    masks = torch.as_tensor(np.asarray(masks))
-    rows, cols = masks.any(2), masks.any(1)
-    def lo_hi(a):
-        idx = torch.arange(a.shape[1]).expand_as(a)
-        return torch.where(a, idx, a.shape[1]).min(1).values, torch.where(a, idx, -1).max(1).values + 1
-    (y1, y2), (x1, x2) = lo_hi(rows), lo_hi(cols)
-    return torch.stack([x1, y1, x2, y2], 1).float()
+    """(N, H, W) bool -> (N, 4) float xyxy tight boxes (x2, y2 exclusive), as torch."""
+    from data.jsonl import boxes_from_masks  # the one definition of a mask's tight box
+    return torch.from_numpy(boxes_from_masks(np.asarray(masks)))
 
 
 def load_tokenizer(path, device="cpu"):
