@@ -619,13 +619,13 @@ def run_trl_sft(cfg, model, processor, images, samples, steps, device):
 
 
 def bench_sft(cfg, device):
+    N, w = cfg["sft_steps"], cfg["sft_warmup"]
+    if N <= w:
+        raise UserError(f"--sft_steps={N} must be larger than --sft_warmup={w}")
     if try_import("trl") is None:
         print(f"sft: trl is not installed ({PEER_PIP}); skipped")
         return {"sft_speed_ratio": None, "sft": {"skipped": "trl missing"}}
     import sft
-    N, w = cfg["sft_steps"], cfg["sft_warmup"]
-    if N <= w:
-        raise UserError(f"--sft_steps={N} must be larger than --sft_warmup={w}")
     args = [a for a in cfg["sft_args"].split() if a] + [
         f"--out_dir={cfg['sft_out']}", f"--tokenizer_ckpt={cfg['tokenizer_ckpt']}", f"--steps={N}", "--eval_n=0",
         "--log_every=1", f"--ckpt_every={10 ** 9}", f"--device={device.type}", f"--seed={cfg['seed']}"]
