@@ -1,0 +1,431 @@
+"""
+SAMTok inference: ask the trained VLM about an image, get text whose masks are words, paint them.
+
+"We represent any mask with two words." The VLM of sft.py (or grpo.py) answers a chat turn about
+an image; wherever it means a region it writes <|mt_start|><|mt_00xx|><|mt_0yyy|><|mt_end|>.
+Those two codes go back through the Stage-1 tokenizer's decoder (tokenizer.py), which paints the
+mask over the same image at the image's own size: no mask head, no pixels in the VLM. The other
+way round, --mask encodes a region you drew into its two words and puts them in the prompt
+(region captioning: "Describe the region {mask} in detail.").
+
+Run it (after python tokenizer.py and python sft.py; data/example.jpg ships with the repository):
+    python infer.py data/example.jpg "Please segment the red circle in this image."
+    python infer.py data/example.jpg "Describe the region {mask} in detail." --mask=REGION.png
+    python infer.py IMAGE "PROMPT" --ckpt=out/grpo/model --out=out/infer --device=cuda
+Options are --key=value (see DEFAULTS), given before or after the two positionals: the image and
+the prompt. One process, one image: there is nothing to distribute, so no torchrun form.
+Prints the answer with each mask shown as [mask 1], [mask 2], ... and writes, in --out, one PNG
+per mask (white on black, the image's size), an overlay of all of them with a legend, and a JSON
+with the generated words, the codes and the file names.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+from common import PALETTE, UserError, configure, die, overlay
+from tokenizer import codes_to_text, load_tokenizer, mask_tokens, resize_image, text_to_codes
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------- config
+DEFAULTS = dict(
+    ckpt="",                    # a VLM folder (save_pretrained); empty: the newest of out/grpo/model, out/sft/model
+    tokenizer_ckpt="",          # Stage-1 checkpoint; empty: the one the VLM was trained with (its sft_config.json)
+    image_size=0,               # the VLM's square input size; 0: the one it was trained at (sft_config.json)
+    mask="",                    # a region PNG (white on black) whose two words replace {mask} in the prompt
+    out="out/infer",            # where the mask PNGs, the overlay and the JSON go
+    device="auto",              # auto | cpu | cuda
+    max_new_tokens=256,         # a mask is 4 tokens; a grounded description of 6 objects is ~100
+    max_pixels=89_478_485,      # larger images are refused (PIL's decompression-bomb limit by default)
+)
+# The checkpoint carries its own architecture and input size, so the presets only set budgets.
+PRESETS = {"tiny": {}, "paper": dict(max_new_tokens=1024)}
+
+# ----------------------------------------------------------------------------- reading the inputs
+# EXIF orientation tag -> the PIL transpose that shows the image upright (as ImageOps.exif_transpose)
+EXIF_ORIENTATION = 0x0112
+UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+           6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def read_image(path, max_pixels, what="image"):
+    """Any image file PIL reads -> uint8 (H, W, 3), upright. data.load_rgb does the pixel
+    conversion (palette, grayscale, RGBA with alpha dropped, 16-bit scaled by 1/257); here come
+    the checks a command line needs: every failure is one UserError that says what to do."""
+    from PIL import Image
+    from data import load_rgb
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not an image file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{what} {path!r} is not readable (permission denied)")
+    # PIL's decompression-bomb guard warns above MAX_IMAGE_PIXELS and raises above twice that,
+    # in the middle of decoding. We check the size from the header instead, against our own
+    # limit, so a big image gets one line with the way out (--max_pixels), not a warning.
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        try:
+            with Image.open(path) as img:          # reads the header only
+                w, h = img.size
+        except Exception as e:       # UnidentifiedImageError, or a header PIL cannot parse
+            raise UserError(f"{what} {path!r} is not an image PIL can read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no details'})")
+        if w * h > max_pixels:
+            raise UserError(f"{what} {path!r} is {w}x{h} = {w * h / 1e6:.0f} Mpx, over the limit of "
+                            f"{max_pixels / 1e6:.0f} Mpx: downscale it, or raise --max_pixels if it is trusted")
+        try:
+            image = load_rgb(path)   # decodes the whole file: truncated data fails here
+            with Image.open(path) as img:
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception as e:
+            raise UserError(f"{what} {path!r} cannot be decoded, truncated or corrupt? ({str(e).splitlines()[0]})")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if orientation in UPRIGHT:       # a phone photo stored sideways: show it (and mask it) upright
+        image = np.asarray(Image.fromarray(image).transpose(getattr(Image.Transpose, UPRIGHT[orientation])))
+    return image if image.flags.writeable else image.copy()    # torch warns on read-only arrays
+
+
+def read_region(path, shape, max_pixels):
+    """A region mask image -> bool (H, W) at the image's size. Foreground: pixels above half
+    intensity (any channel), or == 1 in a 0/1 label image. A mask drawn on a scaled copy of the
+    image (same aspect ratio within 2%) is resized, nearest neighbour; another shape is refused,
+    since no placement of it on the image is the obvious one."""
+    m = read_image(path, max_pixels, what="region mask").max(-1)       # (h, w) uint8
+    fg = m > (0 if m.max() <= 1 else 127)
+    H, W = shape
+    if fg.shape != (H, W):
+        h, w = fg.shape
+        if abs(math.log((w / h) / (W / H))) > 0.02:
+            raise UserError(f"region mask {path!r} is {w}x{h} but the image is {W}x{H}: a mask of another "
+                            f"shape cannot be placed on it; draw it on the image itself")
+        from PIL import Image
+        fg = np.asarray(Image.fromarray(fg).resize((W, H), Image.NEAREST))
+    if not fg.any():
+        raise UserError(f"region mask {path!r} is empty (no pixel above half intensity): draw the region in "
+                        f"white on black")
+    return fg
+
+# ----------------------------------------------------------------------------- the checkpoints
+STAGE_DIRS = ("out/grpo/model", "out/sft/model")
+
+
+def find_checkpoint(ckpt):
+    """The VLM folder to load and its training config (what the stage saved beside it).
+    Empty ckpt: the most recently written of out/grpo/model and out/sft/model. A stage's out_dir
+    (out/sft) is taken to mean its model folder; a checkpoint of another stage is refused."""
+    if not ckpt:
+        found = [d for d in STAGE_DIRS if os.path.isfile(os.path.join(d, "config.json"))]
+        if not found:
+            raise UserError(f"no checkpoint in {' or '.join(STAGE_DIRS)}: train one with `python sft.py`, "
+                            f"or pass --ckpt=DIR")
+        ckpt = max(found, key=lambda d: os.path.getmtime(os.path.join(d, "config.json")))
+    if not os.path.exists(ckpt):
+        raise UserError(f"checkpoint folder {ckpt!r} does not exist")
+    tokenizer_file = ckpt if os.path.isfile(ckpt) else os.path.join(ckpt, "ckpt.pt")
+    if os.path.isfile(tokenizer_file) and not os.path.exists(os.path.join(ckpt, "config.json")):
+        raise UserError(f"{ckpt!r} is a Stage-1 checkpoint (tokenizer.py); --ckpt takes the VLM folder of "
+                        f"sft.py or grpo.py, e.g. --ckpt=out/sft/model (pass this one as --tokenizer_ckpt)")
+    if os.path.isfile(ckpt):
+        raise UserError(f"--ckpt takes a folder written by sft.py or grpo.py, e.g. out/sft/model; {ckpt!r} is a file")
+    if not os.path.isfile(os.path.join(ckpt, "config.json")) and os.path.isfile(os.path.join(ckpt, "model", "config.json")):
+        ckpt = os.path.join(ckpt, "model")
+    if not os.path.isfile(os.path.join(ckpt, "config.json")):
+        raise UserError(f"{ckpt!r} holds no saved model (no config.json): pass the model folder of sft.py or "
+                        f"grpo.py, e.g. --ckpt=out/sft/model")
+    # sft.save_checkpoint (of sft.py and grpo.py) writes the stage's config beside the weights
+    stage, p = {}, os.path.join(ckpt, "sft_config.json")
+    if os.path.isfile(p):
+        try:
+            with open(p) as f:
+                stage = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{p} is unreadable ({e}): the checkpoint is damaged")
+        if not isinstance(stage, dict):
+            raise UserError(f"{p} is not a stage config: the checkpoint is damaged")
+    return ckpt, stage
+
+
+def resolve(path):
+    """A path saved in a stage config is relative to where the stage ran, the repository root
+    as a rule: try the current folder first, then the root."""
+    if os.path.isabs(path) or os.path.exists(path) or not os.path.exists(os.path.join(ROOT, path)):
+        return path
+    return os.path.join(ROOT, path)
+
+
+def load(cfg):
+    """-> (VLM, processor, Stage-1 tokenizer, the VLM's input size S, the checkpoint folder,
+    the tokenizer checkpoint path)."""
+    from transformers.utils import logging as hf_logging
+    from sft import load_pretrained
+    hf_logging.disable_progress_bar()    # a bar for loading a few MB of weights is noise here
+    ckpt, stage = find_checkpoint(cfg["ckpt"])
+    S = cfg["image_size"] or stage.get("image_size", 0)
+    tok_path = cfg["tokenizer_ckpt"] or resolve(stage.get("tokenizer_ckpt", ""))
+    if not S or not tok_path:
+        raise UserError(f"{ckpt!r} has no sft_config.json, so it was not written by sft.py or grpo.py: to use another "
+                        f"SAMTok VLM pass --image_size=PIXELS and --tokenizer_ckpt=PATH")
+    if cfg["device"] not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device takes auto, cpu or cuda, got {cfg['device']!r}")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA device is available")
+    device = torch.device("cuda" if cfg["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        model, processor = load_pretrained(ckpt, dict(image_size=S))
+    except UserError:
+        raise
+    except Exception as e:           # a damaged weight file, a config of an unknown family, ...
+        raise UserError(f"cannot load the VLM in {ckpt!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    vocab = processor.tokenizer.get_vocab()
+    if not all(w in vocab for w in mask_tokens()):
+        raise UserError(f"{ckpt!r} is a Qwen-VL without the 514 mask words, not a SAMTok checkpoint: train it "
+                        f"with sft.py first")
+    try:
+        tok = load_tokenizer(tok_path, device)
+    except UserError as e:
+        raise UserError(f"{e} (or pass --tokenizer_ckpt=PATH)")
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer checkpoint {tok_path!r}: {type(e).__name__}: {e}")
+    return model.to(device).eval(), processor, tok, S, ckpt, tok_path
+
+# ----------------------------------------------------------------------------- the answer
+REF_START, REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
+# a run of consecutive mask words; text_to_codes splits a run into its spans
+MASK_RUN = re.compile(r"(?:<\|mt_(?:start|end|\d{4})\|>)+")
+
+
+def read_answer(text):
+    """Generated text -> (the answer with [mask k] markers, [(c1, c2)], [label], malformed count).
+    Each run of mask words is parsed with the tokenizer's tolerant text_to_codes (PAPER.md
+    section 2 repairs: 3+ codes keep two, one code -> level 2 = -1, an out-of-place id -> -1);
+    a span without a valid level-1 code cannot be decoded and shows as [malformed mask]. The
+    label of a mask is the grounded phrase in <|object_ref_start|>...<|object_ref_end|> right
+    before it (grounded conversation), if any. Never raises, whatever the text."""
+    out, codes, labels, bad, last = [], [], [], 0, 0
+    for m in MASK_RUN.finditer(text):
+        before = text[last:m.start()]
+        phrase = None
+        if before.rstrip().endswith(REF_END) and REF_START in before:
+            phrase = before.rstrip()[:-len(REF_END)].rsplit(REF_START, 1)[1].strip() or None
+        out.append(before)
+        markers = []
+        spans = text_to_codes(m.group())
+        for c1, c2 in spans:
+            if c1 < 0:
+                bad += 1
+                markers.append("[malformed mask]")
+                continue
+            codes.append((c1, c2))
+            labels.append(phrase)
+            markers.append(f"[mask {len(codes)}]")
+        if not spans:                # e.g. <|mt_start|><|mt_end|>: mask words but no code
+            bad += 1
+            markers.append("[malformed mask]")
+        pad_l = " " if before and not before[-1].isspace() else ""
+        pad_r = " " if text[m.end():m.end() + 1].isalnum() else ""
+        out.append(pad_l + " ".join(markers) + pad_r)
+        last = m.end()
+    out.append(text[last:])
+    answer = "".join(out).replace(REF_START, "").replace(REF_END, "")
+    return answer.strip(), codes, labels, bad
+
+
+def decode_masks(tok, image, codes):
+    """The Stage-1 decoder paints each (c1, c2) over the image at the image's own size. In
+    chunks: its logits are upsampled to H x W in float32 before the threshold, 256 MB a mask
+    at 8000 x 8000, so a chunk holds as many masks as fit in ~1 GB."""
+    H, W = image.shape[:2]
+    chunk = max(1, 2 ** 28 // (H * W))
+    parts = [tok.decode(image, np.array(codes[i:i + chunk])) for i in range(0, len(codes), chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, H, W), bool)
+
+
+def chat(model, processor, image, prompt, max_new_tokens):
+    """One user turn (the image, then the prompt), greedy, through exactly the tokenization and
+    generation code of training and evaluation (sft.tokenize / sft.generate)."""
+    from sft import generate, tokenize
+    convs, _ = tokenize([[dict(prompt=prompt, answer="", img=0)]], [image], processor, max_len=10 ** 9)
+    limit = model.config.get_text_config().max_position_embeddings
+    if len(convs[0]["ids"]) + max_new_tokens > limit:
+        raise UserError(f"the prompt is {convs[0]['n_prompt']} tokens with the image; with --max_new_tokens="
+                        f"{max_new_tokens} that exceeds the model's {limit} positions: shorten it")
+    return generate(model, processor, convs, [image], max_new_tokens, batch=1)[0]
+
+# ----------------------------------------------------------------------------- the pictures
+
+
+def draw_overlay(image, masks, labels, codes, prompt, region=None):
+    """The masks in PALETTE colours over the image, each with an outline in its colour and the
+    rest of the image dimmed (so a red mask over a red object still shows), the --mask region
+    (if any) outlined in white, and a legend strip underneath: the prompt, then one line per
+    mask (colour swatch, mask k, grounded phrase, codes). It is a picture for a person, so it
+    is drawn at a size one can look at: a small image is enlarged (nearest neighbour, pixels
+    stay visible), a huge one reduced to 2048 px; the mask PNGs keep the image's own size."""
+    from PIL import Image, ImageDraw, ImageFont
+    H, W = image.shape[:2]
+    long = max(H, W)
+    scale = math.ceil(512 / long) if long < 512 else min(1.0, 2048 / long)
+    Hd, Wd = max(1, round(H * scale)), max(1, round(W * scale))
+    shapes = list(masks) + ([region] if region is not None else [])
+    if (Hd, Wd) != (H, W):
+        up = scale > 1             # enlarge: nearest neighbour; reduce: area-like (PIL's reducing filters)
+        image = np.asarray(Image.fromarray(image).resize((Wd, Hd), Image.NEAREST if up else Image.BILINEAR))
+        shapes = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(
+            (Wd, Hd), Image.NEAREST if up else Image.BILINEAR)) > 127 for m in shapes]
+    pic = image.copy()
+    if shapes:
+        rest = ~np.any(shapes, 0)
+        pic[rest] = (pic[rest] * 0.6).astype(np.uint8)
+        pic = overlay(pic, shapes[:len(masks)])
+        width = max(1, max(Hd, Wd) // 300)
+        for i, m in enumerate(shapes):     # outline = the mask minus its erosion by `width` px
+            inner = m.copy()
+            for _ in range(width):
+                inner[1:] &= inner[:-1].copy()
+                inner[:-1] &= inner[1:].copy()
+                inner[:, 1:] &= inner[:, :-1].copy()
+                inner[:, :-1] &= inner[:, 1:].copy()
+            pic[m & ~inner] = PALETTE[i % len(PALETTE)] if i < len(masks) else 255
+    size = min(60, max(12, round(max(Wd, 512) / 32)))
+    font = ImageFont.load_default(size=size)
+    lines = [(None, f"prompt: {prompt}")]
+    if region is not None:
+        lines.append(((255, 255, 255), "region: the {mask} of the prompt"))
+    for i in range(len(masks)):
+        same = codes.index(codes[i])
+        text = (f"mask {i + 1}" + (f": {labels[i]}" if labels[i] else "") + f"  ({codes[i][0]}, {codes[i][1]})"
+                + (f" = mask {same + 1}" if same < i else "") + ("" if masks[i].any() else ", empty"))
+        lines.append((PALETTE[i % len(PALETTE)], text))
+    if not len(masks):
+        lines.append((None, "no mask"))
+    Wc, step = max(Wd, 512), round(size * 1.4)
+    canvas = Image.new("RGB", (Wc, Hd + step * len(lines) + size // 2), "white")
+    canvas.paste(Image.fromarray(pic), ((Wc - Wd) // 2, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, (colour, text) in enumerate(lines):
+        y, x = Hd + size // 4 + row * step, size // 3
+        if colour is not None:
+            draw.rectangle([x, y + size // 8, x + size, y + size + size // 8], fill=tuple(int(c) for c in colour),
+                           outline=(90, 90, 90))
+            x += size + size // 2
+        while len(text) > 1 and draw.textlength(text, font=font) > Wc - x:   # cut what does not fit
+            text = text[:-2] + "…"
+        draw.text((x, y), text, fill="black" if colour is not None else (90, 90, 90), font=font)
+    return canvas
+
+
+def write_outputs(out_dir, stem, image, masks, labels, codes, prompt, record, region=None):
+    """One PNG per mask, the overlay and the JSON, each written under a temporary name and
+    renamed, and masks left over from an earlier run on an image of the same name removed: the
+    folder never holds a mix of two runs."""
+    from PIL import Image
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out_dir!r}: {e.strerror}")
+    files = {f"{stem}_mask{i + 1}.png": Image.fromarray(m.astype(np.uint8) * 255) for i, m in enumerate(masks)}
+    files[f"{stem}_overlay.png"] = draw_overlay(image, masks, labels, codes, prompt, region)
+    record["files"] = [os.path.join(out_dir, f) for f in files] + [os.path.join(out_dir, f"{stem}.json")]
+    tmps = []
+    try:
+        for name, pic in files.items():
+            tmps.append(os.path.join(out_dir, f".{name}.tmp"))
+            pic.save(tmps[-1], format="PNG", compress_level=1)   # fast: big images stay quick to write
+        tmps.append(os.path.join(out_dir, f".{stem}.json.tmp"))
+        with open(tmps[-1], "w") as f:
+            json.dump(record, f, indent=2)
+    except OSError as e:
+        for t in tmps:
+            if os.path.exists(t):
+                os.remove(t)
+        raise UserError(f"cannot write to {out_dir!r}: {e.strerror or e}")
+    stale = re.compile(re.escape(stem) + r"_mask\d+\.png")
+    for f in os.listdir(out_dir):
+        if stale.fullmatch(f) and f not in files:
+            os.remove(os.path.join(out_dir, f))
+    for t, final in zip(tmps, record["files"]):
+        os.replace(t, final)
+    return record["files"]
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    """IMAGE "PROMPT" plus --key=value options, in any order."""
+    usage = 'usage: python infer.py IMAGE "PROMPT" [--mask=REGION.png] [--ckpt=DIR] [--out=DIR] [--key=value ...]'
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage + "\n" + __doc__.split("Run it")[0].strip())
+        sys.exit(0)
+    options = [a for a in argv if a.startswith("--")]
+    positional = [a for a in argv if not a.startswith("--")]
+    cfg = configure(DEFAULTS, PRESETS, options)      # a malformed option is reported first
+    if len(positional) != 2:
+        raise UserError(f"expected an image and a prompt, got {len(positional)} arguments; {usage}")
+    image_path, prompt = positional
+    if not prompt.strip():
+        raise UserError('the prompt is empty: say what to do, e.g. "Please segment the red circle in this image."')
+    if "{mask}" in prompt and not cfg["mask"]:
+        raise UserError("the prompt has {mask} but no --mask=REGION.png says which region")
+    return image_path, prompt.strip(), cfg
+
+
+def main(argv=None):
+    t0 = time.time()
+    try:
+        image_path, prompt, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        # the inputs are checked before anything heavy is loaded: bad input fails in a second
+        image = read_image(image_path, cfg["max_pixels"])
+        region = read_region(cfg["mask"], image.shape[:2], cfg["max_pixels"]) if cfg["mask"] else None
+        model, processor, tok, S, ckpt, tok_path = load(cfg)
+        t_load = time.time()
+        asked = prompt
+        if region is not None:
+            # region captioning: the region's two words stand in the prompt where {mask} does
+            try:
+                words = codes_to_text(tok.encode(image, region[None]).cpu().numpy())
+            except ValueError as e:
+                raise UserError(f"region mask {cfg['mask']!r}: {e}")
+            asked = prompt.replace("{mask}", words) if "{mask}" in prompt else f"{prompt} {words}"
+        # The VLM sees the image as it saw every training image: a plain resize to S x S. The
+        # tokenizer below sees the original and paints the masks at its own size.
+        generated = chat(model, processor, resize_image(image, S).copy(), asked, cfg["max_new_tokens"])
+        t_gen = time.time()
+        answer, codes, labels, bad = read_answer(generated)
+        masks = decode_masks(tok, image, codes)
+        t_dec = time.time()
+        stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
+        record = dict(image=image_path, prompt=prompt, prompt_sent=asked, generated=generated, answer=answer,
+                      masks=[dict(mask=i + 1, codes=list(c), label=l, pixels=int(m.sum()))
+                             for i, (c, l, m) in enumerate(zip(codes, labels, masks))],
+                      malformed_spans=bad, checkpoint=ckpt, tokenizer_ckpt=tok_path,
+                      height=image.shape[0], width=image.shape[1])
+        files = write_outputs(cfg["out"], stem, image, masks, labels, codes, prompt, record, region)
+    except UserError as e:
+        die(e)
+    print(f"answer: {answer}")
+    H, W = image.shape[:2]
+    for i, (c, m) in enumerate(zip(codes, masks)):
+        level = "" if c[1] >= 0 else ", level 1 only"
+        print(f"[mask {i + 1}] codes ({c[0]}, {c[1]}{level}): {int(m.sum())} px, {m.mean():.1%} of the "
+              f"{W}x{H} image -> {files[i]}")
+    if not codes:
+        print("no mask" + (f" ({bad} malformed mask span{'s' * (bad > 1)} in the answer)" if bad else ""))
+    elif bad:
+        print(f"{bad} malformed mask span{'s' * (bad > 1)} skipped")
+    print(f"overlay -> {files[len(codes)]}; words and codes -> {files[-1]}")
+    print(f"{time.time() - t0:.1f} s: load {t_load - t0:.1f} s, generate {t_gen - t_load:.1f} s, "
+          f"decode {t_dec - t_gen:.1f} s ({ckpt}, tokenizer {tok_path})")
+
+
+if __name__ == "__main__":
+    main()
