@@ -1,0 +1,736 @@
+"""
+SAMTok Stage 3: reinforcement learning (GRPO) with the textual answer-matching reward.
+
+After SFT (sft.py) the VLM writes masks as words. Stage 3 lets it practise: for each
+segmentation prompt it samples a group of G answers, scores each one by "textual answer
+matching" - no pixels, no mask decoder: the mask-word spans of a rollout are compared with the
+ground-truth answer's, R = N_TP / max(N_pred, N_gt), with N_TP the distinct predicted spans found
+in the answer and N_pred counted before de-duplication, so repeating a mask is penalised; a correct
+"No target." earns the full reward (PAPER.md section 4) - and moves the policy towards the answers
+that beat their group's mean: Group Relative Policy Optimization (DeepSeekMath), advantage
+A = (R - mean_group) / std_group, per-token clipped ratio min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
+optional k3 KL to the SFT model, and the Dr. GRPO / DAPO variants of the loss aggregation.
+Before and after training the model is scored with Stage 2's evaluation on the test split.
+
+Run it (Stage 1 and 2 first: python tokenizer.py && python sft.py):
+    python grpo.py                                        # CPU, preset tiny, under 10 minutes on 2 cores
+    python grpo.py --reward=iou                           # compare: match (default) | match_partial | iou
+    python grpo.py --device=cuda                          # one GPU
+    torchrun --standalone --nproc_per_node=8 grpo.py --preset=paper
+    # two nodes (run on each, node_rank 0 and 1):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
+        grpo.py --preset=paper
+Options are --key=value (see DEFAULTS): --init_from=FOLDER (a Stage-2 output, default out/sft),
+--data_dir=FOLDER takes prompts from a data/jsonl.py folder instead of the synthetic world,
+--loss_type=grpo|dr_grpo|dapo, --scale_rewards=group|none, --beta=0.04 adds the KL term,
+--num_iterations=2 reuses each batch of rollouts twice, --fsdp=true shards with FSDP2,
+--resume=true continues from out_dir/model.
+Writes out_dir/model (save_pretrained: model + processor + optimizer state), out_dir/metrics.json
+(before / after evaluation, rewards, throughput) and out_dir/gallery.png (after).
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import sft
+from common import UserError, configure, die, init_distributed, lr_at, write_json
+from tokenizer import MASK_END, MASK_START, iou, load_tokenizer, mask_tokens, text_to_codes
+
+# ----------------------------------------------------------------------------- config
+DEFAULTS = dict(
+    out_dir="out/grpo",
+    init_from="out/sft",        # Stage 2's output folder (or its model/ subfolder): the policy's start
+    device="auto",              # auto | cpu | cuda
+    seed=0,
+    tokenizer_ckpt="out/tokenizer/ckpt.pt",   # Stage 1: the codes of the answers, and the iou reward's decoder
+    image_size=128,             # images are resized to image_size^2 px, as in Stage 2
+    # prompts: the segmentation tasks of the synthetic train split, or a data/jsonl.py folder
+    data_dir="",
+    n_train=500,                # scenes (synthetic world): ~9 referring prompts each
+    tasks="refer",              # refer (single, multi and no-target) and/or gcg (grounded conversation)
+    # rollouts
+    num_generations=8,          # G: completions sampled per prompt (paper: 16)
+    temperature=1.0,
+    max_new_tokens=26,          # refer: up to 6 masks of 4 words + <|im_end|>; a longer rollout is cut ("truncated")
+    # reward
+    reward="match",             # match (the paper's) | match_partial | iou
+    format_weight=0.0,          # + format_weight x (1 if the answer is well-formed and ended)
+    # advantages and loss
+    scale_rewards="group",      # group: (R - mean) / (std + eps); none: R - mean (Dr. GRPO)
+    loss_type="grpo",           # grpo | dr_grpo | dapo: how per-token terms are averaged
+    eps_low=0.2, eps_high=0.2,  # the clip range of the ratio: [1 - eps_low, 1 + eps_high] (DAPO: eps_high 0.28)
+    beta=0.0,                   # weight of the k3 KL to the frozen start model (0: no reference model at all)
+    num_iterations=1,           # mu: policy updates per batch of rollouts (old log-probs kept from the sampling policy)
+    # optimisation
+    steps=150,                  # rollout steps
+    batch_size=64,              # completions per step, all ranks together: batch_size / G prompts per step
+    micro_batch=32,             # completions per forward / backward (gradient accumulation over the rest)
+    lr=1e-4, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.0, beta2=0.99, grad_clip=1.0,
+    freeze_vision=False,        # paper: vision tower frozen (as in SFT)
+    fsdp=False,
+    grad_checkpointing=False,
+    # bookkeeping
+    log_every=10, ckpt_every=50, resume=False,
+    stop_after=0,               # stop after this many steps of this run (simulates an interruption)
+    eval_n=100,                 # test scenes for the evaluations before and after (0: none)
+    eval_batch=64,
+)
+PRESETS = {
+    "tiny": {},
+    # paper: 16 rollouts per prompt (GCG); the rest is ours. 16 prompts x 16 = 256 completions a step.
+    "paper": dict(image_size=448, tasks="refer,gcg", num_generations=16, max_new_tokens=512, steps=1000,
+                  batch_size=256, micro_batch=8, lr=1e-6, min_lr_ratio=1.0, warmup_frac=0.0, beta2=0.999,
+                  freeze_vision=True, fsdp=True, grad_checkpointing=True, log_every=1, ckpt_every=50,
+                  eval_n=500, eval_batch=32),
+}
+REWARDS = ("match", "match_partial", "iou")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+ADV_EPS = 1e-4   # the eps of (R - mean) / (std + eps): only keeps a near-zero std from exploding A
+
+# ----------------------------------------------------------------------------- rewards
+# Pure functions of text (and, for iou, of masks): the reward is computed from what the model
+# wrote, exactly as a grader would read it. Spans are parsed with Stage 1's tolerant parser,
+# the same one the evaluation uses, so a span the evaluation would decode is a span here.
+
+
+def reward_match(text, answer):
+    """PAPER.md section 4: R = N_TP / max(N_pred, N_gt). N_TP = distinct predicted spans that occur
+    in the ground-truth answer; N_pred counts every predicted span, repeats included (a mask said
+    twice counts twice in the denominator, once in the numerator). A ground truth of "No target."
+    is answered correctly by exactly that text and no span: full reward."""
+    pred, gt = text_to_codes(text), text_to_codes(answer)
+    if not gt:
+        return float(not pred and text.strip() == sft.NO_TARGET)
+    return len(set(pred) & set(gt)) / max(len(pred), len(gt))
+
+
+def reward_match_partial(text, answer):
+    """As reward_match, but a distinct predicted span whose level-1 word matches a ground-truth
+    span that no prediction got exactly earns half: level 1 is the coarse mask (a level-1-only
+    decode is 0.79 mIoU against 0.82 for both codes), so it is half right. Each ground-truth span
+    gives at most one half credit (one-to-one, in order of appearance)."""
+    pred, gt = text_to_codes(text), text_to_codes(answer)
+    if not gt:
+        return float(not pred and text.strip() == sft.NO_TARGET)
+    distinct = list(dict.fromkeys(pred))                      # de-duplicated, order kept
+    exact = [p for p in distinct if p in gt]
+    open_level1 = [g[0] for g in dict.fromkeys(gt) if g not in exact]
+    half = 0
+    for p in distinct:
+        if p not in exact and p[0] >= 0 and p[0] in open_level1:
+            open_level1.remove(p[0])
+            half += 1
+    return (len(exact) + 0.5 * half) / max(len(pred), len(gt))
+
+
+def reward_iou(pred_union, gt_union):
+    """The pixel reward, for comparison: IoU of the union of the decoded predicted masks with the
+    union of the ground-truth masks (GRES-style; no target and no prediction -> 1)."""
+    return float(iou(pred_union[None], gt_union[None])[0])
+
+
+_SPAN = re.compile(r"<\|mt_start\|><\|mt_(\d{4})\|><\|mt_(\d{4})\|><\|mt_end\|>")
+
+
+def reward_format(text, task, finished):
+    """1 if the answer is well-formed: it ended (<|im_end|> within max_new_tokens), every mask is
+    exactly <|mt_start|> level-1 word, level-2 word <|mt_end|>, and a referring answer is nothing
+    but such masks or exactly "No target."; else 0."""
+    if not finished:
+        return 0.0
+    spans = list(_SPAN.finditer(text))
+    if not all(int(a) < 256 <= int(b) < 512 for a, b in (m.groups() for m in spans)):
+        return 0.0
+    rest = _SPAN.sub("", text)
+    if "<|mt_" in rest:                       # a mask word outside a well-formed span
+        return 0.0
+    if task == "refer":
+        return float((bool(spans) and not rest.strip()) or (not spans and text.strip() == sft.NO_TARGET))
+    return 1.0
+
+
+def advantages(R, scale="group"):
+    """R (groups, G) -> A (groups, G) and which groups have all-equal rewards. Group-relative:
+    A = R - mean of the group, divided by the group's std (+ eps) when scale == "group" (GRPO),
+    not divided when "none" (Dr. GRPO: the std division over-weights groups that are almost all
+    right or all wrong). std is torch's unbiased one, as in TRL."""
+    mean, std = R.mean(1, keepdim=True), R.std(1, keepdim=True)
+    A = R - mean
+    if scale == "group":
+        A = A / (std + ADV_EPS)
+    return A, (R == R[:, :1]).all(1)
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, mask, cfg, n_seqs, n_tokens, weight=None):
+    """The GRPO objective of one micro-batch, as a loss (to minimise). logp, old_logp, ref_logp
+    (N, L): log-probs of the sampled tokens under the policy, the policy that sampled them and
+    the frozen reference (None when beta = 0); adv (N,); mask (N, L) 1 on completion tokens.
+    Per token: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta k3, r = exp(logp - old_logp),
+    k3 = exp(ref - logp) - (ref - logp) - 1 (an unbiased, always positive estimate of KL(pi || ref)).
+    Aggregation, with n_seqs / n_tokens counted over the WHOLE step (all micro-batches, all ranks),
+    so that summing micro-batches gives the loss of the step:
+      grpo:    mean over sequences of the mean over each sequence's tokens
+      dr_grpo: sum over all tokens / (n_seqs * max_new_tokens), a constant: no length bias
+      dapo:    sum over all tokens / n_tokens, every token of the batch weighs the same
+    weight (N,), optional: per-sequence multiplier (0 drops a row). Returns (loss, stats) with
+    stats = sums over tokens of [k3 KL, low-clipped, high-clipped, tokens]."""
+    ratio = torch.exp(logp - old_logp)
+    A = adv[:, None]
+    clipped = torch.clamp(ratio, 1 - cfg["eps_low"], 1 + cfg["eps_high"])
+    per_token = -torch.min(ratio * A, clipped * A)
+    kl = None
+    if cfg["beta"] > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + cfg["beta"] * kl
+    w = mask if weight is None else mask * weight[:, None]
+    if cfg["loss_type"] == "grpo":
+        loss = ((per_token * w).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    elif cfg["loss_type"] == "dr_grpo":
+        loss = (per_token * w).sum() / (n_seqs * cfg["max_new_tokens"])
+    else:
+        loss = (per_token * w).sum() / n_tokens
+    with torch.no_grad():
+        # which tokens the clip actually bit: ratio below 1 - eps_low with A < 0, above 1 + eps_high with A > 0
+        low = ((ratio < 1 - cfg["eps_low"]) & (A < 0)).float()
+        high = ((ratio > 1 + cfg["eps_high"]) & (A > 0)).float()
+        stats = torch.stack([((kl if kl is not None else torch.zeros_like(logp)) * w).sum(),
+                             (low * w).sum(), (high * w).sum(), w.sum()])
+    return loss, stats
+
+
+def not_text(processor, rows, device):
+    """(rows,) 0 / -inf: what the policy may not write. The vision placeholders (an <|image_pad|>
+    in an answer would be taken for a slot of image features by the next forward) and the padding
+    rows of the embedding matrix past the tokenizer (no text at all). Applied when sampling and
+    when scoring, so the log-probs are those of the distribution the tokens were drawn from."""
+    tok = processor.tokenizer
+    bias = torch.zeros(rows, device=device)
+    bias[len(tok):] = -math.inf
+    bias[tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])] = -math.inf
+    return bias
+
+
+def completion_logps(model, batch, n_comp, temperature, bias):
+    """log pi(o_t | q, o_<t) of every completion token: (N, n_comp), right-aligned like the batch.
+    Only the last n_comp + 1 positions go through the LM head. The temperature divides the logits
+    as in sampling, so the ratio compares the distributions the tokens came from."""
+    logits = model(**batch, use_cache=False, logits_to_keep=n_comp + 1).logits[:, :-1].float() / temperature + bias
+    ids = batch["input_ids"][:, -n_comp:]
+    return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@torch.no_grad()
+def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, generator, sync=False):
+    """G sampled completions for each prompt (prompt 0's G first): dicts with ids (token ids, ending
+    with the end-of-turn token unless cut at max_new_tokens: finished False) and logps (each
+    token's log-prob under the sampling distribution, softmax(logits / temperature)). The prompt - image included - is
+    encoded once: one prefill over the B prompts, then the KV cache is repeated G times (B*G rows)
+    and the completions are sampled token by token on it. Positions are M-RoPE's: the prompt's come
+    from the model's own get_rope_index (2D for the image, 1D for text), and each new token takes
+    the next text position, as a forward over the whole sequence would give it.
+    sync: under FSDP every rank must run the same number of forwards, so all ranks decode until
+    every rank is done."""
+    tok = processor.tokenizer
+    eos = torch.tensor(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]), device=model.device)
+    inputs, _ = sft.collate(prompts, images, processor, left_pad=True)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    out = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(G)                          # rows: prompt 0 x G, prompt 1 x G, ...
+    N = len(prompts) * G
+    att = inputs["attention_mask"].repeat_interleave(G, 0)
+    nxt = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(G)     # (N,) next text position
+    logits = out.logits[:, -1].repeat_interleave(G, 0)
+    bias = not_text(processor, logits.shape[-1], logits.device)
+    done = torch.zeros(N, dtype=torch.bool, device=model.device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        logprobs = torch.log_softmax(logits.float() / temperature + bias, -1)
+        new = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+        new = torch.where(done, tok.pad_token_id, new)
+        tokens.append(new)
+        logps.append(logprobs.gather(1, new[:, None]).squeeze(1))
+        done = done | torch.isin(new, eos)
+        left = (~done).sum()
+        if sync:
+            dist.all_reduce(left)
+        if left == 0 or t == max_new_tokens - 1:
+            break
+        att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
+        out = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, N, 1).expand(3, N, 1),
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+    comps = []
+    for row, lp in zip(tokens, logps):
+        end = next((i for i, x in enumerate(row) if x in eos.tolist()), None)
+        n = end + 1 if end is not None else len(row)
+        comps.append(dict(ids=row[:n], logps=lp[:n], finished=end is not None))
+    return comps
+
+
+def completion_text(processor, ids):
+    """The answer text of a completion: decoded with special tokens kept (they carry the
+    grounding), without the end-of-turn token."""
+    return processor.tokenizer.decode(ids, skip_special_tokens=False).split("<|im_end|>")[0].split("<|endoftext|>")[0]
+
+
+def score(rows, prompts, cfg, decode=None, gt_union=None):
+    """Rewards of completions: rows are dicts with prompt (index), text, finished. For the iou
+    reward, decode(img, codes (M, 2)) -> the decoded masks (M, H, W) and gt_union(prompt) -> the
+    union of its ground-truth masks (H, W); one decode call per image for all its rollouts (the
+    G completions of a prompt share the image, so the tokenizer encodes it once)."""
+    R = [0.0] * len(rows)
+    if cfg["reward"] == "iou":
+        codes = [[c for c in text_to_codes(r["text"]) if c != (-1, -1)] for r in rows]
+        by_img = {}
+        for k, r in enumerate(rows):
+            by_img.setdefault(prompts[r["prompt"]]["img"], []).append(k)
+        for img, ks in by_img.items():
+            flat = [c for k in ks for c in codes[k]]
+            masks = decode(img, np.array(flat).reshape(-1, 2)) if flat else None
+            pos = 0
+            gts = {}
+            for k in ks:
+                j = rows[k]["prompt"]
+                gt = gts[j] = gts[j] if j in gts else gt_union(prompts[j])
+                pred = masks[pos:pos + len(codes[k])].any(0) if codes[k] else np.zeros_like(gt)
+                pos += len(codes[k])
+                R[k] = reward_iou(pred, gt)
+    for k, r in enumerate(rows):
+        p = prompts[r["prompt"]]
+        if cfg["reward"] == "match":
+            R[k] = reward_match(r["text"], p["answer"])
+        elif cfg["reward"] == "match_partial":
+            R[k] = reward_match_partial(r["text"], p["answer"])
+        if cfg["format_weight"]:
+            R[k] += cfg["format_weight"] * reward_format(r["text"], p["task"], r["finished"])
+    return R
+
+# ----------------------------------------------------------------------------- one update
+
+
+def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref=None, lr=None):
+    """num_iterations optimizer steps on one batch of rollouts. rows: the step's kept completions
+    (groups with all-equal rewards already removed: their advantage is 0, they carry no loss and
+    are not even forwarded), every rank holding the same list, each a dict with prompt, ids
+    (completion token ids) and adv. Rows are cut into micro-batches of micro_batch completions;
+    micro-batch j goes to rank j % world. Every rank runs the same number of forward / backward
+    passes (a rank left without a micro-batch runs the first one with weight 0), so DDP's and
+    FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
+    high-clipped, tokens]."""
+    device = next(net.parameters()).device
+    chunks = [rows[i:i + cfg["micro_batch"]] for i in range(0, len(rows), cfg["micro_batch"])]
+    per_rank = math.ceil(len(chunks) / world)
+    mine = [(chunks[j], 1.0) if j < len(chunks) else (chunks[0], 0.0) for j in range(rank, per_rank * world, world)]
+    # the normalisers of the loss count the whole step, so the micro-batch losses add up to it
+    n_seqs, n_tokens = len(rows), sum(len(r["ids"]) for r in rows)
+    batches = []
+    for chunk, w in mine:
+        samples = [dict(img=prompts[r["prompt"]]["img"], ids=prompts[r["prompt"]]["ids"] + r["ids"],
+                        lab=[False] * len(prompts[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in chunk]
+        batch, labels = sft.collate(samples, images, processor, left_pad=True)   # completions right-aligned
+        n = max(len(r["ids"]) for r in chunk)
+        batches.append(dict(batch={k: v.to(device) for k, v in batch.items()}, n=n,
+                            mask=(labels[:, -n:] != -100).float().to(device),
+                            adv=torch.tensor([r["adv"] for r in chunk], device=device),
+                            weight=torch.full((len(chunk),), w, device=device)))
+    model = sft.unwrap(net)
+    bias = not_text(processor, model.get_output_embeddings().weight.shape[0], device)
+    logps = lambda m, b: completion_logps(m, b["batch"], b["n"], cfg["temperature"], bias)
+    with torch.no_grad():
+        for b in batches:
+            # mu > 1: the log-probs of the policy that sampled (pi_old), kept through the mu updates.
+            # mu = 1: pi_old is the policy itself, so ratio = 1 and the clip never bites (taken below).
+            b["old"] = logps(net, b) if cfg["num_iterations"] > 1 else None
+            b["ref"] = logps(ref, b) if ref is not None else None
+    stats = torch.zeros(4, device=device)
+    for it in range(cfg["num_iterations"]):
+        if lr is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr(it)
+        for k, b in enumerate(batches):
+            last = k == len(batches) - 1        # gradients are synchronised on the last micro-batch only
+            if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+                net.require_backward_grad_sync = last
+            elif hasattr(net, "set_requires_gradient_sync"):
+                net.set_requires_gradient_sync(last)
+            logp = logps(net, b)
+            old = b["old"] if b["old"] is not None else logp.detach()
+            loss, s = policy_loss(logp, old, b["ref"], b["adv"], b["mask"], cfg, n_seqs, n_tokens, b["weight"])
+            (loss * world).backward()           # DDP / FSDP average gradients over ranks: undo it
+            if it == cfg["num_iterations"] - 1:
+                stats += s
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(stats)
+    return stats
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_prompts(cfg, tok):
+    """The segmentation prompts: dicts with task, prompt, answer (the mask words of the targets
+    from the Stage-1 encoder, or "No target."), img, and for the iou reward what gives the
+    ground-truth masks. From the synthetic train split (Stage 2's samples, same templates), or
+    from a data/jsonl.py folder. Returns (images, prompts, gt_union)."""
+    tasks = tuple(cfg["tasks"].split(","))
+    if cfg["data_dir"]:
+        from data import read_folder
+        try:
+            scenes = [(k, s) for k, s in enumerate(read_folder(cfg["data_dir"]))]
+        except FileNotFoundError as e:
+            raise UserError(str(e))
+        if not scenes:
+            raise UserError(f"--data_dir={cfg['data_dir']}: no readable image with masks")
+        key = sft.file_hash(os.path.join(cfg["data_dir"], "annotations.jsonl"))[:12]
+        # only what the tasks need: refs for refer, grounded for gcg
+        keep = [(k, s) for k, s in scenes if ("refer" in tasks and s.get("refs")) or ("gcg" in tasks and s.get("grounded"))]
+        codes = sft.scene_codes(tok, cfg, f"folder-{key}", keep) if keep else []
+        images, samples = [], []
+        for j, ((k, s), c) in enumerate(zip(keep, codes)):
+            # a ref needs its text; its kind (single / multi / none) follows from the targets if missing
+            kind = lambda t: "none" if not t else "single" if len(t) == 1 else "multi"
+            refs = [dict(r, kind=r.get("kind") or kind(r["targets"])) for r in s.get("refs", []) if isinstance(r.get("text"), str)]
+            s = dict(s, refs=refs, grounded=s.get("grounded"))
+            got = [x for x in sft.scene_samples(k, s, c.long().numpy(), [t for t in tasks if t != "gcg" or s["grounded"]])]
+            samples += [dict(x, img=j) for x in got]
+            images.append(s["image"])
+        scenes = keep
+        masks_of = lambda img: keep[img][1]["masks"]
+        where = f"--data_dir={cfg['data_dir']} ({len(scenes)} images read)"
+    else:
+        from data import make_scene
+        images, samples, scenes, _ = sft.load_world("train", cfg["n_train"], tok, cfg, tasks)
+        # train scenes come without their masks (memory); the iou reward regenerates a scene's
+        # masks from its seed (~1 ms)
+        masks_of = lambda img: make_scene(scenes[img][0], images.shape[1])["masks"]
+        where = f"the synthetic train split ({cfg['n_train']} scenes)"
+    prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
+    for p in prompts:        # gcg: the targets are the objects its grounded phrases point at
+        if p["task"] == "gcg":
+            p["targets"] = sorted({i for _, _, i in scenes[p["img"]][1]["grounded"]["spans"]})
+    if not prompts:
+        raise UserError(f"{where} has no usable prompts for --tasks={cfg['tasks']}: refer needs 'refs', "
+                        f"gcg needs 'grounded' in the annotations")
+
+    def gt_union(p):
+        m = masks_of(p["img"])
+        return m[p["targets"]].any(0) if p["targets"] else np.zeros(m.shape[1:], bool)
+    return images, prompts, gt_union
+
+
+def tokenize_prompts(prompts, images, processor):
+    """Token ids of each prompt (chat template, image expanded), up to and including
+    '<|im_start|>assistant\\n': what the policy continues."""
+    convs, _ = sft.tokenize([[p] for p in prompts], images, processor, max_len=10 ** 9)
+    return [dict(p, ids=c["ids"][:c["n_prompt"]], lab=[False] * c["n_prompt"], n_prompt=c["n_prompt"])
+            for p, c in zip(prompts, convs)]
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def resolve_init(path):
+    """Stage 2's output folder or its model/ subfolder -> the model folder; one clear line for a
+    missing or wrong-stage checkpoint."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "ckpt.pt")):
+        f = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
+        stage = None
+        try:
+            ck = torch.load(f, map_location="cpu", weights_only=False)
+            stage = ck.get("stage") if isinstance(ck, dict) else None
+        except Exception:
+            pass
+        what = "the Stage-1 tokenizer checkpoint" if stage == "tokenizer" else "a file, not a model folder"
+        raise UserError(f"--init_from={path} is {what}; it takes the Stage-2 folder that sft.py writes (out/sft)")
+    if os.path.isdir(os.path.join(path, "model")):
+        path = os.path.join(path, "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"no Stage-2 checkpoint at {path}: run `python sft.py` first (or pass --init_from=FOLDER)")
+    return path
+
+
+def load_policy(path, cfg):
+    """A saved Stage-2 (or Stage-3) model through the Auto classes, checked to speak in mask words."""
+    model, processor = sft.load_pretrained(path, cfg)
+    tok = processor.tokenizer
+    vocab = tok.get_vocab()
+    if not all(w in vocab for w in mask_tokens()):
+        raise UserError(f"{path} is not a Stage-2 checkpoint: its vocabulary has no mask words "
+                        f"({MASK_START} ... {MASK_END}); run sft.py on it first")
+    if "<|im_end|>" not in vocab:
+        raise UserError(f"{path}: the tokenizer has no <|im_end|>, so a rollout could never end its turn")
+    if max(tok.convert_tokens_to_ids(mask_tokens())) >= model.get_input_embeddings().weight.shape[0]:
+        raise UserError(f"{path}: the embedding matrix is smaller than the vocabulary with mask words")
+    return model, processor
+
+
+def parallelize(model, cfg, world, device):
+    """DDP, or FSDP2 with each decoder layer and vision block its own unit (bf16 compute and
+    fp32 reduction on GPU), as in Stage 2."""
+    if cfg["fsdp"] and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+            else MixedPrecisionPolicy()
+        for block in list(sft.vision_tower(model).blocks) + list(sft.decoder_layers(model)):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        return fully_shard(model, mesh=mesh, mp_policy=mp)
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def check(cfg, world):
+    """Options that cannot work, as one line each, before anything is loaded or written."""
+    G = cfg["num_generations"]
+    if cfg["reward"] not in REWARDS:
+        raise UserError(f"--reward={cfg['reward']!r}: choose one of {', '.join(REWARDS)}")
+    if cfg["loss_type"] not in LOSS_TYPES:
+        raise UserError(f"--loss_type={cfg['loss_type']!r}: choose one of {', '.join(LOSS_TYPES)}")
+    if cfg["scale_rewards"] not in ("group", "none"):
+        raise UserError(f"--scale_rewards={cfg['scale_rewards']!r}: choose group or none")
+    tasks = cfg["tasks"].split(",")
+    if not tasks or not set(tasks) <= {"refer", "gcg"}:
+        raise UserError(f"--tasks takes a comma list of refer, gcg (the segmentation tasks); got {cfg['tasks']!r}")
+    if G < 2:
+        raise UserError(f"--num_generations={G}: GRPO compares completions within a group, it needs G >= 2")
+    if cfg["batch_size"] % G:
+        raise UserError(f"--batch_size={cfg['batch_size']} is not a multiple of --num_generations={G}: every "
+                        f"prompt's group of G completions must be in the same step")
+    if (cfg["batch_size"] // G) % world:
+        raise UserError(f"--batch_size={cfg['batch_size']} gives {cfg['batch_size'] // G} prompts a step, not a "
+                        f"multiple of the {world} processes: each rank samples the same number of prompts")
+    if cfg["max_new_tokens"] < 1:
+        raise UserError(f"--max_new_tokens={cfg['max_new_tokens']}: a rollout needs at least one token")
+    if cfg["temperature"] <= 0:
+        raise UserError(f"--temperature={cfg['temperature']}: sampling needs a temperature > 0")
+    if cfg["num_iterations"] < 1 or cfg["micro_batch"] < 1 or cfg["steps"] < 1:
+        raise UserError("--num_iterations, --micro_batch and --steps must be >= 1")
+    if not 0 <= cfg["eps_low"] < 1 or cfg["eps_high"] < 0 or cfg["beta"] < 0:
+        raise UserError("the clip range needs 0 <= eps_low < 1 and eps_high >= 0, and beta >= 0")
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    from transformers.utils import logging
+    logging.disable_progress_bar()      # one line per step, not a bar per weight file
+    try:
+        cfg = configure(DEFAULTS, PRESETS)
+        world_env = int(os.environ.get("WORLD_SIZE", 1))
+        check(cfg, world_env)
+        init = resolve_init(cfg["init_from"])
+        tok = load_tokenizer(cfg["tokenizer_ckpt"])
+    except UserError as e:
+        die(e)
+    rank, world, device = init_distributed(cfg["device"])
+    master, cuda = rank == 0, device.type == "cuda"
+    torch.manual_seed(cfg["seed"])
+    if master:
+        print("config:", cfg)
+    out, G = cfg["out_dir"], cfg["num_generations"]
+    model_dir = os.path.join(out, "model")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    # ---- the policy: Stage 2's model, or this stage's own checkpoint when resuming
+    step, state = 0, None
+    try:
+        if cfg["resume"]:
+            src = model_dir if os.path.exists(model_dir) else model_dir + ".old"
+            if not os.path.exists(os.path.join(src, "train_state.pt")):
+                raise UserError(f"--resume: no checkpoint in {model_dir}")
+            state = torch.load(os.path.join(src, "train_state.pt"), map_location="cpu", weights_only=False)
+            if state["config"].get("stage") != "grpo":
+                raise UserError(f"--resume: {src} is not a GRPO checkpoint")
+            step = state["step"]
+        if world > 1 and not master:
+            dist.barrier()          # rank 0 encodes the answers' masks and caches the codes first
+        images, prompts, gt_union = load_prompts(cfg, tok)
+        if world > 1 and master:
+            dist.barrier()
+        model, processor = load_policy(src if state is not None else init, cfg)
+    except UserError as e:
+        die(e)
+    prompts = tokenize_prompts(prompts, images, processor)
+    n_params = sum(p.numel() for p in model.parameters())
+    if master:
+        count = {t: sum(p["task"] == t for p in prompts) for t in ("refer", "gcg")}
+        print(f"policy: {init if not step else model_dir}, {n_params / 1e6:.2f}M parameters | prompts: {count} | "
+              f"G={G}, {cfg['batch_size'] // G} prompts = {cfg['batch_size']} completions a step")
+        if step:
+            print(f"resuming from step {step}")
+
+    # ---- evaluation before (rank 0, Stage 2's function); kept on disk so a resumed run reports it
+    before_path = os.path.join(out, "before.json")
+    before = None
+    if master and cfg["eval_n"]:
+        before = load_json(before_path) if cfg["resume"] and os.path.exists(before_path) else None
+        if before is None:
+            if step:   # resumed without the start's figures: evaluate the start model itself
+                m0, p0 = load_policy(init, cfg)
+            else:
+                m0, p0 = model, processor
+            with amp:
+                before = sft.evaluate(m0.to(device), p0, tok, cfg, n=cfg["eval_n"])
+            write_json(before_path, before)
+        print(f"before: {summary(before)}")
+    if world > 1:
+        dist.barrier()
+
+    # ---- the frozen reference (only with the KL term): always the start model, also on resume
+    ref = None
+    if cfg["beta"] > 0:
+        ref = (load_policy(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval()
+        ref.requires_grad_(False)
+
+    for name, p in sft.vision_tower(model).named_parameters():
+        p.requires_grad = not cfg["freeze_vision"] or "merger" in name
+    if cfg["grad_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    net = parallelize(model, cfg, world, device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, cfg["beta2"]), weight_decay=cfg["weight_decay"])
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    hist_path = os.path.join(out, "history.json")
+    history = load_json(hist_path)[:step] if step and os.path.exists(hist_path) else []
+
+    # ---- the loop: every rank draws the same prompts (length-bucketed, from the seed) and samples
+    # the completions of its share; rewards and completions are then gathered, so every rank
+    # knows the whole step: the advantages, which groups carry a loss, the loss normalisers
+    per_step = cfg["batch_size"] // G
+    stream = sft.micro_batches([len(p["ids"]) for p in prompts], per_step, cfg["seed"], 16)
+    for _ in range(step):
+        next(stream)
+    steps, mu = cfg["steps"], cfg["num_iterations"]
+    t0, run_steps, window, train_seconds = time.time(), 0, [], 0.0
+    gen = torch.Generator(device=device)
+    while step < steps:
+        t_step = time.time()
+        batch_prompts = next(stream)
+        mine = batch_prompts[rank::world]
+        gen.manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
+        model.eval()
+        t_gen = time.time()
+        with amp:
+            comps = rollout(model, processor, [prompts[j] for j in mine], images, G, cfg["max_new_tokens"],
+                            cfg["temperature"], gen, sync=cfg["fsdp"] and world > 1)
+        t_gen = time.time() - t_gen
+        model.train()
+        rows = [dict(prompt=j, ids=c["ids"], finished=c["finished"], text=completion_text(processor, c["ids"]))
+                for j, c in zip([j for j in mine for _ in range(G)], comps)]
+        for r, x in zip(rows, score(rows, prompts, cfg, lambda img, c: tok.decode(images[img], c), gt_union)):
+            r["reward"] = x
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rows)
+            # back in the step's order: prompt i was sampled by rank i % world, as its (i // world)-th
+            rows = [r for i in range(len(batch_prompts)) for r in gathered[i % world][i // world * G:(i // world + 1) * G]]
+        if not any(r["finished"] for r in rows):
+            # every rollout ran to max_new_tokens: the policy does not end its turn (a wrong start
+            # checkpoint, or max_new_tokens far too small); nothing is written, earlier checkpoints stay
+            die(f"no rollout of step {step + 1} ended within --max_new_tokens={cfg['max_new_tokens']}: the policy "
+                f"never ends its answer with <|im_end|>; raise --max_new_tokens or check --init_from={cfg['init_from']}")
+        R = torch.tensor([r["reward"] for r in rows]).view(-1, G)
+        A, equal = advantages(R, cfg["scale_rewards"])
+        for r, a in zip(rows, A.flatten().tolist()):
+            r["adv"] = a
+        kept = [r for g in range(len(R)) if not equal[g] for r in rows[g * G:(g + 1) * G]]
+        lr = lambda it: lr_at(step * mu + it, steps * mu, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"])
+        t_upd = time.time()
+        stats = update(net, opt, kept, prompts, images, processor, cfg, rank, world, ref, lr) if kept \
+            else torch.zeros(4)
+        t_upd = time.time() - t_upd
+        step += 1
+        run_steps += 1
+        train_seconds += time.time() - t_step
+        tokens = max(float(stats[3]), 1.0)
+        rec = dict(step=step, reward=float(R.mean()), reward_std=float(R.std(1).mean()),
+                   frac_reward_zero_std=float(equal.float().mean()), kl=float(stats[0]) / tokens if ref is not None else None,
+                   clip_low=float(stats[1]) / tokens, clip_high=float(stats[2]) / tokens,
+                   length=float(np.mean([len(r["ids"]) for r in rows])),
+                   truncated=float(np.mean([not r["finished"] for r in rows])),
+                   completions=len(rows), gen_seconds=t_gen, update_seconds=t_upd, seconds=time.time() - t_step)
+        history.append(rec)
+        window.append(rec)
+        if master and (step % cfg["log_every"] == 0 or step == steps or step == 1):
+            w = {k: np.mean([x[k] for x in window]) for k in ("reward", "reward_std", "frac_reward_zero_std",
+                                                              "clip_low", "clip_high", "length", "truncated")}
+            secs = sum(x["seconds"] for x in window)
+            kl = f"{np.mean([x['kl'] for x in window]):.4f}" if ref is not None else "-"
+            print(f"step {step:4d}/{steps} | reward {w['reward']:.3f} std {w['reward_std']:.3f} "
+                  f"| zero-std {w['frac_reward_zero_std']:.2f} | kl {kl} | clip lo {w['clip_low']:.3f} "
+                  f"hi {w['clip_high']:.3f} | len {w['length']:.1f} trunc {w['truncated']:.2f} | lr {lr(0):.1e} "
+                  f"| {1000 * secs / len(window):.0f} ms/step ({100 * sum(x['gen_seconds'] for x in window) / secs:.0f}% "
+                  f"sampling) | {sum(x['completions'] for x in window) / secs:.0f} completions/s")
+            window = []
+        if step % cfg["ckpt_every"] == 0 or step == steps:
+            sft.save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir, master)
+            if master:
+                write_json(os.path.join(out, "history.json"), history)
+        if cfg["stop_after"] and run_steps >= cfg["stop_after"] and step < steps:
+            if master:
+                print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
+            if world > 1:
+                dist.destroy_process_group()
+            return
+    if world > 1:
+        dist.destroy_process_group()
+    if not master:
+        return
+
+    # ---- evaluation after: the model as saved, loaded fresh (as infer.py or a user would)
+    k = max(1, len(history) // 10)
+    metrics = dict(before=before, after=None,
+                   reward_first=float(np.mean([h["reward"] for h in history[:k]])),
+                   reward_last=float(np.mean([h["reward"] for h in history[-k:]])), reward_window_steps=k,
+                   completions_per_s=sum(h["completions"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9),
+                   sampling_fraction=sum(h["gen_seconds"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9),
+                   train_seconds=sum(h["seconds"] for h in history),
+                   frac_reward_zero_std=float(np.mean([h["frac_reward_zero_std"] for h in history])),
+                   steps=steps, reward=cfg["reward"], loss_type=cfg["loss_type"], preset=cfg["preset"])
+    if cfg["eval_n"]:
+        m, p = load_policy(model_dir, cfg)
+        with amp:
+            metrics["after"] = sft.evaluate(m.to(device), p, tok, cfg, n=cfg["eval_n"], gallery=os.path.join(out, "gallery.png"))
+        print(f"after:  {summary(metrics['after'])}")
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    print(f"reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f} (mean of the first / last {k} steps) "
+          f"| {metrics['completions_per_s']:.0f} completions/s | trained in {metrics['train_seconds']:.0f} s "
+          f"| wrote {model_dir}, {out}/metrics.json")
+
+
+def summary(m):
+    f = lambda x: "-" if x is None else f"{x:.4f}"
+    return (f"referring mIoU {f(m['refer_miou'])} | cIoU {f(m['refer_ciou'])} | N-acc {f(m['nacc'])} "
+            f"| exact mask words {f(m['exact_match'])}")
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    main()

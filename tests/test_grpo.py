@@ -1,0 +1,420 @@
+"""GRPO (Stage 3): the rewards on hand-computed cases, advantages, each loss aggregation against a
+hand-written loop, REINFORCE equivalence of the gradient, rollouts on the KV cache, learning on a
+trivial reward, DDP / FSDP2 parity with one process, and the script (resume, evaluation, bad input)."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import grpo  # noqa: E402
+import sft  # noqa: E402
+import tokenizer as T  # noqa: E402
+from common import configure  # noqa: E402
+# Stage 2's test fixtures: a tiny random SAMTok checkpoint, 6 train scenes, the tiny VLM builder
+from test_sft import build, tok_ckpt, world  # noqa: E402,F401
+
+import ddp_grpo  # noqa: E402
+
+W = lambda c1, c2: T.codes_to_text([[c1, c2]])      # one mask's four words
+A, B, C = W(3, 7), W(5, 9), W(40, 41)
+NT = sft.NO_TARGET
+
+
+# ---------------------------------------------------------------- rewards by hand
+@pytest.mark.parametrize("text, answer, r", [
+    (A, A, 1.0),
+    (A + B, B + A, 1.0),                 # order does not matter: spans are matched as a set
+    (A, A + B, 0.5),                     # one of two targets: 1 / max(1, 2)
+    (A + B + C, A + B, 2 / 3),           # an extra span: 2 / max(3, 2)
+    (A + A, A, 0.5),                     # a duplicate: N_pred = 2 before de-duplication, N_TP = 1
+    (A + A + B, A + B, 2 / 3),
+    (C, A, 0.0),
+    (NT, A, 0.0),                        # "No target." when there is one
+    (NT, NT, 1.0), (" No target.\n", NT, 1.0),
+    (A, NT, 0.0),                        # a mask when there is none
+    (NT + A, NT, 0.0),
+    ("", NT, 0.0), ("", A, 0.0),
+    ("a red circle <|mt_9999|> <|mt_start|>", A, 0.0),          # garbage, an out-of-range word
+    ("<|mt_start|><|mt_0003|><|mt_end|>", A, 0.0),               # level 1 only: not the same span
+    ("xx" + A + "yy", A, 1.0),           # text around a span does not change the span match
+])
+def test_reward_match(text, answer, r):
+    assert grpo.reward_match(text, answer) == pytest.approx(r)
+
+
+@pytest.mark.parametrize("text, answer, r", [
+    (A, A, 1.0),
+    (W(3, 100), A, 0.5),                 # level-1 word right, level-2 wrong: half
+    ("<|mt_start|><|mt_0003|><|mt_end|>", A, 0.5),               # level 1 only: half
+    (W(3, 100) + W(3, 101), A, 0.25),    # one half credit per ground-truth span: 0.5 / max(2, 1)
+    (A + W(3, 100), A, 0.5),             # A already matched exactly: no half credit left, 1 / 2
+    (W(3, 100) + W(5, 100), A + B, 0.5), # two halves: (0.5 + 0.5) / 2
+    (W(3, 100) + W(3, 100), A, 0.25),    # duplicates count in N_pred: 0.5 / 2
+    (C, A, 0.0), (NT, NT, 1.0), (A, NT, 0.0), ("garbage", A, 0.0),
+])
+def test_reward_match_partial(text, answer, r):
+    assert grpo.reward_match_partial(text, answer) == pytest.approx(r)
+
+
+def test_reward_iou_and_format():
+    a = np.zeros((4, 4), bool)
+    a[:2, :2] = True                                      # 4 pixels
+    b = np.zeros((4, 4), bool)
+    b[:2, :3] = True                                      # 6 pixels, 4 shared
+    assert grpo.reward_iou(a, b) == pytest.approx(4 / 6)
+    assert grpo.reward_iou(np.zeros_like(a), np.zeros_like(a)) == 1.0    # no target, no prediction
+    assert grpo.reward_iou(a, np.zeros_like(a)) == 0.0
+    f = grpo.reward_format
+    assert f(A + B, "refer", True) == 1.0 and f(NT, "refer", True) == 1.0
+    assert f(A, "refer", False) == 0.0                    # cut at max_new_tokens
+    assert f(A + " and more", "refer", True) == 0.0       # text besides the masks
+    assert f("<|mt_start|><|mt_0003|><|mt_end|>", "refer", True) == 0.0     # a level missing
+    assert f("<|mt_start|><|mt_0300|><|mt_0003|><|mt_end|>", "refer", True) == 0.0   # levels swapped
+    assert f("", "refer", True) == 0.0
+    assert f("a <|object_ref_start|>red circle<|object_ref_end|>" + A + ".", "gcg", True) == 1.0
+    assert f("a red circle<|mt_0003|>.", "gcg", True) == 0.0
+
+
+def test_advantages_both_scales():
+    R = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 0.0, 1.0]])
+    A_g, eq = grpo.advantages(R, "group")
+    A_n, eq2 = grpo.advantages(R, "none")
+    assert eq.tolist() == eq2.tolist() == [False, True, False]
+    for g in range(3):
+        m = sum(R[g].tolist()) / 4
+        sd = math.sqrt(sum((x - m) ** 2 for x in R[g].tolist()) / 3)      # unbiased
+        for i in range(4):
+            assert A_n[g, i].item() == pytest.approx(R[g, i].item() - m, abs=1e-6)
+            assert A_g[g, i].item() == pytest.approx((R[g, i].item() - m) / (sd + grpo.ADV_EPS), abs=1e-5)
+    assert (A_g[1] == 0).all() and (A_n[1] == 0).all()
+
+
+# ---------------------------------------------------------------- the loss against loops
+def loop_loss(logp, old, ref, adv, mask, cfg):
+    """The GRPO objective written out token by token, in plain Python floats."""
+    N, L = len(logp), len(logp[0])
+    per_seq, total, n_tok = [], 0.0, 0
+    for i in range(N):
+        terms = []
+        for t in range(L):
+            if not mask[i][t]:
+                continue
+            r = math.exp(logp[i][t] - old[i][t])
+            clipped = min(max(r, 1 - cfg["eps_low"]), 1 + cfg["eps_high"])
+            term = -min(r * adv[i], clipped * adv[i])
+            if cfg["beta"]:
+                d = ref[i][t] - logp[i][t]
+                term += cfg["beta"] * (math.exp(d) - d - 1)
+            terms.append(term)
+        per_seq.append(sum(terms) / len(terms))
+        total, n_tok = total + sum(terms), n_tok + len(terms)
+    return {"grpo": sum(per_seq) / N, "dr_grpo": total / (N * cfg["max_new_tokens"]), "dapo": total / n_tok}[cfg["loss_type"]]
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_policy_loss_matches_the_loop(loss_type, beta):
+    g = torch.Generator().manual_seed(1)
+    N, L = 5, 6
+    logp = -torch.rand(N, L, generator=g) * 3
+    old = logp + torch.randn(N, L, generator=g) * 0.4          # ratios well outside the clip range too
+    ref = logp + torch.randn(N, L, generator=g) * 0.3
+    adv = torch.tensor([1.2, -0.7, 0.0, 0.5, -1.5])
+    lengths = [6, 3, 1, 4, 5]
+    mask = torch.tensor([[1.0] * n + [0.0] * (L - n) for n in lengths])
+    cfg = dict(grpo.DEFAULTS, loss_type=loss_type, beta=beta, eps_low=0.2, eps_high=0.28, max_new_tokens=8)
+    loss, stats = grpo.policy_loss(logp, old, ref, adv, mask, cfg, n_seqs=N, n_tokens=mask.sum())
+    want = loop_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), cfg)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    # micro-batches add up to the step's loss: the normalisers are the step's, not the micro-batch's
+    parts = [grpo.policy_loss(logp[s], old[s], ref[s], adv[s], mask[s], cfg, N, mask.sum())[0]
+             for s in (slice(0, 2), slice(2, 5))]
+    assert sum(parts).item() == pytest.approx(want, rel=1e-5)
+    r = torch.exp(logp - old)
+    low = ((r < 0.8) & (adv[:, None] < 0) & (mask > 0)).sum()
+    high = ((r > 1.28) & (adv[:, None] > 0) & (mask > 0)).sum()
+    assert low > 0 and high > 0
+    assert stats[1] == low and stats[2] == high and stats[3] == mask.sum()
+    d = ref - logp
+    assert stats[0].item() == pytest.approx(((torch.exp(d) - d - 1) * mask).sum().item() if beta else 0.0, rel=1e-5)
+
+
+# ---------------------------------------------------------------- on the tiny VLM
+@pytest.fixture(scope="module")
+def vlm(world):
+    """The tiny config-built VLM with the mask words, its prompts (refer, tokenized) and images."""
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg)
+    sft.add_mask_tokens(model, processor)
+    refer = [s for s in samples if s["task"] == "refer"]
+    prompts = grpo.tokenize_prompts(refer, images, processor)
+    return model, processor, prompts, images
+
+
+def fixed_rows(processor, n_groups, G, seed=0, lengths=(1, 5)):
+    """Completions of random mask words ending with <|im_end|>, of different lengths, rewards at
+    random: what a rollout would hand to the update."""
+    tok = processor.tokenizer
+    words = tok.convert_tokens_to_ids(T.mask_tokens())
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(n_groups):
+        for i in range(G):
+            n = int(rng.integers(*lengths))
+            rows.append(dict(prompt=g, ids=[int(x) for x in rng.choice(words, n)] + [end], reward=float(rng.random())))
+    R = torch.tensor([r["reward"] for r in rows]).view(n_groups, G)
+    return rows, R
+
+
+@pytest.mark.parametrize("loss_type, scale", [("grpo", "group"), ("dr_grpo", "none"), ("dapo", "group")])
+def test_gradient_is_reinforce_with_the_group_baseline(vlm, loss_type, scale):
+    """mu = 1, beta = 0: the ratio is 1 and never clipped, so the gradient of the GRPO loss is
+    REINFORCE's, -sum_i c_i A_i sum_t grad log pi(o_it), with A_i the group-relative advantage and
+    c_i the aggregation's weight. Here log pi is computed independently: one unpadded sequence at a
+    time. The update runs on micro-batches of 2 with SGD lr 1, so its weight change is -gradient."""
+    model, processor, prompts, images = vlm
+    G, T_ = 3, 0.7
+    rows, R = fixed_rows(processor, 3, G)
+    A_, _ = grpo.advantages(R, scale)
+    for r, a in zip(rows, A_.flatten().tolist()):
+        r["adv"] = a
+    cfg = dict(grpo.DEFAULTS, loss_type=loss_type, scale_rewards=scale, micro_batch=2, temperature=T_,
+               max_new_tokens=6, grad_clip=1e9)
+    m1 = copy.deepcopy(model).train()
+    before = {k: v.clone() for k, v in m1.named_parameters()}
+    grpo.update(m1, torch.optim.SGD(m1.parameters(), lr=1.0), rows, prompts, images, processor, cfg)
+
+    m2 = copy.deepcopy(model).train()
+    n_tok = sum(len(r["ids"]) for r in rows)
+    bias = grpo.not_text(processor, full_rows(model), "cpu")
+    surrogate = 0
+    for r in rows:
+        p = prompts[r["prompt"]]
+        batch, _ = sft.collate([dict(img=p["img"], ids=p["ids"] + r["ids"], lab=[False] * len(p["ids"] + r["ids"]))],
+                                 images, processor)
+        logits = m2(**batch).logits[0, len(p["ids"]) - 1:-1] / T_ + bias      # pi: softmax over text tokens
+        logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(r["ids"])[:, None]).sum()
+        c = {"grpo": 1 / (len(rows) * len(r["ids"])), "dr_grpo": 1 / (len(rows) * 6), "dapo": 1 / n_tok}[loss_type]
+        surrogate = surrogate - c * r["adv"] * logp
+    surrogate.backward()
+    worst, after = 0, dict(m1.named_parameters())
+    for k, p in m2.named_parameters():
+        if p.grad is None:
+            continue
+        delta = before[k] - after[k].detach()
+        assert torch.allclose(delta, p.grad, atol=1e-6, rtol=1e-3), k
+        worst = max(worst, p.grad.abs().max().item())
+    assert worst > 1e-4          # the gradient is not trivially zero
+
+
+def test_rollout_on_the_cache_matches_greedy_and_the_full_forward(vlm):
+    """The prompt is prefilled once and its cache repeated G times. At a temperature near 0 every
+    row must be Stage 2's greedy generate; at temperature 1 the log-probs recorded while sampling
+    must be the full-sequence forward's (the one the loss uses): same positions, same cache."""
+    model, processor, prompts, images = vlm
+    model.eval()
+    ps = prompts[:3]
+    greedy = sft.generate(model, processor, ps, images, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    comps = grpo.rollout(model, processor, ps, images, 2, 8, 1e-6, g)
+    assert [grpo.completion_text(processor, c["ids"]) for c in comps] == [t for t in greedy for _ in range(2)]
+    comps = grpo.rollout(model, processor, ps, images, 3, 8, 1.0, g)
+    assert len({tuple(c["ids"]) for c in comps}) > 3             # sampled, not copies
+    rows = [dict(prompt=k // 3, ids=c["ids"]) for k, c in enumerate(comps)]
+    samples = [dict(img=ps[r["prompt"]]["img"], ids=ps[r["prompt"]]["ids"] + r["ids"],
+                    lab=[False] * len(ps[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in rows]
+    batch, labels = sft.collate(samples, images, processor, left_pad=True)
+    n = max(len(c["ids"]) for c in comps)
+    with torch.no_grad():
+        full = grpo.completion_logps(model, batch, n, 1.0, grpo.not_text(processor, full_rows(model), "cpu"))
+    for k, c in enumerate(comps):
+        assert torch.allclose(full[k, n - len(c["ids"]):], torch.tensor(c["logps"]), atol=1e-4)
+
+
+def full_rows(model):
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def test_a_few_grpo_steps_raise_a_trivially_learnable_reward(vlm):
+    """Reward = share of the completion's tokens that are mask words (514 of the ~1,100 words: ~1/2 for the random policy).
+    Rollouts, group advantages and updates, all real; 12 steps of 4 prompts x 8 completions."""
+    model, processor, prompts, images = vlm
+    model = copy.deepcopy(model)
+    words = set(processor.tokenizer.convert_tokens_to_ids(T.mask_tokens()))
+    cfg = dict(grpo.DEFAULTS, max_new_tokens=4, micro_batch=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+    G, means = 8, []
+    for step in range(12):
+        idx = [(4 * step + k) % len(prompts) for k in range(4)]
+        model.eval()
+        comps = grpo.rollout(model, processor, [prompts[j] for j in idx], images, G, 4, 1.0, g)
+        model.train()
+        R = torch.tensor([np.mean([x in words for x in c["ids"]]) for c in comps]).view(-1, G)
+        adv, equal = grpo.advantages(R)
+        rows = [dict(prompt=idx[k // G], ids=c["ids"], adv=a) for k, (c, a) in enumerate(zip(comps, adv.flatten().tolist()))
+                if not equal[k // G]]
+        grpo.update(model, opt, rows, prompts, images, processor, cfg)
+        means.append(R.mean().item())
+    assert np.mean(means[-3:]) > np.mean(means[:3]) + 0.25, means
+
+
+# ---------------------------------------------------------------- the script
+@pytest.fixture(scope="module")
+def sft_ckpt(world, tmp_path_factory):
+    """A Stage-2 output folder: the tiny VLM after 40 SFT steps on the referring samples, so that
+    it answers in mask words and ends its turn."""
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg)
+    ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
+    refer = [[s] for s in samples if s["task"] == "refer"]
+    ss, _ = sft.tokenize(refer, images, processor, 10 ** 9)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        batch, labels = sft.collate(ss[8 * step % len(ss):][:8] or ss[:8], images, processor)
+        loss, _ = sft.token_loss(model, batch, labels, ids)
+        opt.zero_grad()
+        (loss / (labels != -100).sum()).backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("sft_out")
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    return str(out)
+
+
+def run_main(monkeypatch, capsys, args):
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *args])
+    code = 0
+    try:
+        grpo.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def script_args(tok_ckpt, sft_ckpt, out):
+    return [f"--init_from={sft_ckpt}", f"--tokenizer_ckpt={tok_ckpt}", f"--out_dir={out}", "--n_train=6",
+            "--batch_size=8", "--num_generations=4", "--micro_batch=4", "--max_new_tokens=10", "--log_every=1",
+            "--lr=1e-3"]
+
+
+def test_script_resume_and_evaluation(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
+    args = script_args(tok_ckpt, sft_ckpt, tmp_path) + ["--steps=3", "--eval_n=2", "--eval_batch=8", "--ckpt_every=1"]
+    code, first, err = run_main(monkeypatch, capsys, args + ["--stop_after=2"])
+    assert code == 0, err
+    assert "before: referring mIoU" in first and "stopping after 2 steps" in first
+    code, second, err = run_main(monkeypatch, capsys, args + ["--resume=true", "--reward=iou", "--format_weight=0.5"])
+    assert code == 0, err
+    assert "resuming from step 2" in second and "step    3/3" in second and "after:  referring mIoU" in second
+    for line in [x for x in first.splitlines() + second.splitlines() if x.startswith("step ")]:
+        for key in ("reward", "std", "zero-std", "kl", "clip lo", "hi", "len", "trunc", "completions/s"):
+            assert key in line
+    m = json.load(open(tmp_path / "metrics.json"))
+    keys = ("refer_miou", "refer_ciou", "nacc", "exact_match", "caption_attr_acc", "tokenizer_ceiling_miou")
+    assert all(k in m["before"] and k in m["after"] for k in keys)
+    for k in ("reward_first", "reward_last", "completions_per_s", "train_seconds"):
+        assert isinstance(m[k], float) and m[k] >= 0
+    assert len(json.load(open(tmp_path / "history.json"))) == 3
+    state = torch.load(tmp_path / "model" / "train_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["config"]["stage"] == "grpo"
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".old"))]
+
+
+def test_two_ranks_ddp_fsdp_parity_and_the_script(vlm, tok_ckpt, sft_ckpt, tmp_path):
+    """2 gloo ranks under torchrun, DDP then FSDP2, against one process: the same global rows
+    (3 groups of 3, one group of equal rewards dropped before, micro-batches of 2, so one rank
+    also runs a zero-weight micro-batch), dapo aggregation, beta > 0, mu = 2. Then the whole
+    script on the two ranks with FSDP2: rollouts keep the ranks in step, rows are gathered, the
+    sharded model is saved whole."""
+    model, processor, prompts, images = vlm
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    steps = []
+    for seed in (0, 1):
+        rows, R = fixed_rows(processor, 3, 3, seed)
+        R[1] = 0.5
+        adv, equal = grpo.advantages(R)
+        steps.append([dict(r, adv=a) for r, a, e in zip(rows, adv.flatten().tolist(), equal.repeat_interleave(3)) if not e])
+    assert len(steps[0]) == 6
+    cfg = dict(grpo.DEFAULTS, loss_type="dapo", beta=0.1, num_iterations=2, micro_batch=2, lr=0.5, eps_high=0.28)
+    script = script_args(tok_ckpt, sft_ckpt, tmp_path / "run") + ["--steps=2", "--eval_n=0", "--fsdp=true"]
+    setup = dict(cfg=cfg, prompts=prompts, images=images, steps=steps, script=script)
+    torch.save(setup, tmp_path / "setup.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "ddp_grpo.py"), str(tmp_path)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    net, stats = ddp_grpo.train(str(tmp_path), setup)
+    ref = {k: v.detach() for k, v in net.state_dict().items()}
+    start = grpo.load_policy(str(tmp_path / "model"), cfg)[0].state_dict()
+    assert any(not torch.equal(ref[k], start[k]) for k in ref)        # the update did move the weights
+    for name in ("ddp", "fsdp"):
+        got = torch.load(tmp_path / f"{name}.pt")
+        assert got["weights"].keys() == ref.keys()
+        for k in ref:
+            assert torch.allclose(got["weights"][k], ref[k], atol=1e-5), (name, k)
+        assert torch.allclose(got["stats"], stats, rtol=1e-4, atol=1e-6), (name, got["stats"], stats)
+    assert stats[:, 2].sum() + stats[:, 1].sum() > 0       # mu = 2 moved the ratio: the clip did bite
+    assert "step    2/2" in p.stdout and "8 completions a step" in p.stdout
+    assert torch.load(tmp_path / "run" / "model" / "train_state.pt", weights_only=False)["step"] == 2
+
+
+def test_script_bad_input(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
+    """One clear line, exit 2, nothing written; a checkpoint already in out_dir stays as it was."""
+    good = script_args(tok_ckpt, sft_ckpt, tmp_path / "out") + ["--steps=1", "--eval_n=0"]
+    code, _, err = run_main(monkeypatch, capsys, good)
+    assert code == 0, err
+    saved = open(tmp_path / "out" / "model" / "model.safetensors", "rb").read()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "annotations.jsonl").write_text("")
+    cases = [
+        ([f"--init_from={tmp_path / 'nothing'}"], "no Stage-2 checkpoint"),
+        ([f"--init_from={tok_ckpt}"], "Stage-1 tokenizer checkpoint"),
+        ([f"--init_from={os.path.dirname(tok_ckpt)}"], "Stage-1 tokenizer checkpoint"),
+        (["--batch_size=10"], "not a multiple of --num_generations=4"),
+        (["--num_generations=1", "--batch_size=8"], "needs G >= 2"),
+        (["--reward=pixels"], "--reward='pixels'"),
+        ([f"--data_dir={empty}"], "no readable image"),
+        ([f"--data_dir={tmp_path / 'missing'}"], "does not exist"),
+        (["--max_new_tokens=1"], "never ends its answer"),         # no answer fits in one token
+        (["--resume=true", f"--out_dir={tmp_path / 'fresh'}"], "no checkpoint in"),
+    ]
+    for extra, msg in cases:
+        code, _, err = run_main(monkeypatch, capsys, good + extra)
+        assert code == 2 and msg in err and "Traceback" not in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert open(tmp_path / "out" / "model" / "model.safetensors", "rb").read() == saved
+    assert not (tmp_path / "fresh").exists() or not os.listdir(tmp_path / "fresh")
+
+
+def test_folder_dataset_without_refs_has_no_usable_prompts(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
+    """A data/jsonl.py folder whose images have masks but no referring expressions: no prompts."""
+    from data import write_folder
+    write_folder(str(tmp_path / "d"), "val", 2)
+    lines = [json.loads(x) for x in open(tmp_path / "d" / "annotations.jsonl")]
+    with open(tmp_path / "d" / "annotations.jsonl", "w") as f:
+        for rec in lines:
+            f.write(json.dumps({"image": rec["image"], "masks": rec["masks"]}) + "\n")
+    args = script_args(tok_ckpt, sft_ckpt, tmp_path / "o") + ["--steps=1", "--eval_n=0", f"--data_dir={tmp_path / 'd'}"]
+    code, _, err = run_main(monkeypatch, capsys, args)
+    assert code == 2 and "no usable prompts" in err, err
+    # the same folder with its refs trains
+    write_folder(str(tmp_path / "d"), "val", 2)
+    code, out, err = run_main(monkeypatch, capsys, args)
+    assert code == 0 and "step    1/1" in out, err
