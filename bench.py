@@ -68,7 +68,8 @@ DEFAULTS = dict(
     sft_args="--n_train=200",   # extra sft.py options, the same for both sides
     sft_out="out/bench/sft",
     # grpo
-    grpo_steps=5, grpo_warmup=1, grpo_args="", grpo_out="out/bench/grpo",
+    # grpo: grpo.py (its own process, from the Stage-2 model in out/sft) against TRL's GRPOTrainer
+    grpo_steps=6, grpo_warmup=1, grpo_args="--n_train=100", grpo_out="out/bench/grpo",
     # gpu check (issue 5): real sizes, random init, one GPU
     gpu_check=False, dry_run=False,
     gpu_steps=8, gpu_warmup=3,
@@ -614,7 +615,9 @@ def run_trl_sft(cfg, model, processor, images, samples, steps, device):
     same_ids = ours["input_ids"].shape == theirs["input_ids"].shape and bool((ours["input_ids"] == theirs["input_ids"]).all()) \
         and torch.equal(ours["pixel_values"], theirs["pixel_values"])
     same_labels = same_ids and bool((labels == theirs["labels"]).all())
-    trainer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
     return dict(step_seconds=clock.seconds, losses=clock.losses, same_ids=same_ids, same_labels=same_labels)
 
 
@@ -669,7 +672,91 @@ def bench_sft(cfg, device):
 
 
 # ============================================================================ grpo
+GRPO_LINE = re.compile(r"step\s+(\d+)/\d+ \| reward ([\d.]+) .*?\| len ([\d.]+) .*?\| (\d+) ms/step "
+                       r"\((\d+)% sampling\) \| (\d+) completions/s")
+
+
+def run_trl_grpo(cfg, device, steps):
+    """TRL's GRPOTrainer on grpo.py's start policy, prompts (in grpo.py's order), G, max tokens,
+    completions a step, micro-batches, loss (grpo aggregation, no KL), optimiser and schedule,
+    reward (grpo.reward_match on TRL's decoded text). -> step seconds, completion lengths, rewards."""
+    import grpo
+    import sft
+    from datasets import Dataset
+    from PIL import Image
+    from tokenizer import load_tokenizer
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    torch.manual_seed(cfg["seed"])
+    tok = load_tokenizer(cfg["tokenizer_ckpt"])
+    images, prompts, _ = grpo.load_prompts(cfg, tok)
+    model, processor = grpo.load_policy(grpo.resolve_init(cfg["init_from"]), cfg)
+    prompts = grpo.tokenize_prompts(prompts, images, processor)
+    G = cfg["num_generations"]
+    stream = sft.micro_batches([len(p["ids"]) for p in prompts], cfg["batch_size"] // G, cfg["seed"], 16)
+    order = [j for _ in range(steps) for j in next(stream)]
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": prompts[j]["prompt"]}],
+                             "image": Image.fromarray(images[prompts[j]["img"]]), "answer": prompts[j]["answer"]}
+                            for j in order])
+
+    def reward(completions, answer, **kw):
+        return [grpo.reward_match(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, cfg["beta2"]), weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, 1.0, cfg["warmup_frac"], cfg["min_lr_ratio"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        args = GRPOConfig(
+            output_dir=os.path.join(cfg["out_dir"], "trl"), max_steps=steps, per_device_train_batch_size=cfg["micro_batch"],
+            gradient_accumulation_steps=cfg["batch_size"] // cfg["micro_batch"], num_generations=G,
+            max_completion_length=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=1.0, top_k=0,
+            beta=cfg["beta"], epsilon=cfg["eps_low"], epsilon_high=cfg["eps_high"], loss_type=cfg["loss_type"],
+            scale_rewards=cfg["scale_rewards"], num_iterations=cfg["num_iterations"], max_grad_norm=cfg["grad_clip"],
+            shuffle_dataset=False, gradient_checkpointing=cfg["grad_checkpointing"], bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no", report_to="none", seed=cfg["seed"],
+            disable_tqdm=True, log_level="warning")
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t, self.seconds, self.logs = 0.0, [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            sync(device)
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            self.seconds.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                self.logs.append(dict(logs))
+
+    clock = Clock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = GRPOTrainer(model=model.to(device), reward_funcs=reward, args=args, train_dataset=ds,
+                              processing_class=processor, callbacks=[clock], optimizers=(opt, sched))
+    trainer.remove_callback(PrinterCallback)
+    # the first prompt as TRL renders it against grpo.py's ids
+    rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                              "text": prompts[order[0]]["prompt"]}]}], add_generation_prompt=True,
+                                             tokenize=False)
+    same_prompt = processor(images=[images[prompts[order[0]]["img"]]], text=[rendered])["input_ids"][0] \
+        == prompts[order[0]]["ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    lengths = [float(x.get("completions/mean_length", float("nan"))) for x in clock.logs]
+    rewards = [float(x["reward"]) for x in clock.logs]
+    return dict(step_seconds=clock.seconds, lengths=lengths, rewards=rewards, same_prompt=same_prompt)
+
+
 def bench_grpo(cfg, device):
+    N, w = cfg["grpo_steps"], cfg["grpo_warmup"]
+    if N <= w:
+        raise UserError(f"--grpo_steps={N} must be larger than --grpo_warmup={w}")
     here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.exists(os.path.join(here, "grpo.py")):
         print("grpo: grpo.py does not exist yet; skipped")
@@ -677,7 +764,49 @@ def bench_grpo(cfg, device):
     if try_import("trl") is None:
         print(f"grpo: trl is not installed ({PEER_PIP}); skipped")
         return {"grpo_speed_ratio": None, "grpo": {"skipped": "trl missing"}}
-    raise UserError("grpo: grpo.py exists but this section is not wired to it yet")
+    import grpo
+    args = [a for a in cfg["grpo_args"].split() if a] + [
+        f"--out_dir={cfg['grpo_out']}", f"--tokenizer_ckpt={cfg['tokenizer_ckpt']}", f"--steps={N}", "--eval_n=0",
+        "--log_every=1", f"--ckpt_every={10 ** 9}", f"--device={device.type}", f"--seed={cfg['seed']}"]
+    gcfg = configure(grpo.DEFAULTS, grpo.PRESETS, args)
+    grpo.check(gcfg, 1)
+    if gcfg["reward"] != "match" or gcfg["format_weight"] or gcfg["data_dir"]:
+        raise UserError("the grpo section compares the paper's reward (--reward=match, no format term) on the synthetic world")
+    try:
+        grpo.resolve_init(gcfg["init_from"])
+    except UserError as e:
+        raise UserError(f"grpo section: {e}")
+    # ---- grpo.py, its own process; per-step lines (log_every=1) give each step's figures
+    proc = subprocess.run([sys.executable, "grpo.py", *args], capture_output=True, text=True, cwd=here)
+    if proc.returncode != 0:
+        raise RuntimeError(f"grpo.py failed:\n{proc.stderr[-2000:]}")
+    lines = {int(m[1]): dict(reward=float(m[2]), length=float(m[3]), ms=int(m[4]), sampling=int(m[5]) / 100,
+                             comp_s=int(m[6])) for m in GRPO_LINE.finditer(proc.stdout)}
+    if set(lines) != set(range(1, N + 1)):
+        raise RuntimeError(f"could not read grpo.py's step lines (got steps {sorted(lines)[:5]}...)")
+    timed = [lines[s] for s in range(w + 1, N + 1)]
+    ours_s = sum(x["ms"] for x in timed) / 1e3
+    ours_comp_s = gcfg["batch_size"] * len(timed) / ours_s
+    # ---- TRL, this process
+    trl = run_trl_grpo(gcfg, device, N)
+    trl_s = sum(trl["step_seconds"][w:])
+    trl_comp_s = gcfg["batch_size"] * (N - w) / trl_s
+    mean = lambda v: float(np.mean(v)) if len(v) else None
+    rows = [["grpo.py", ours_s / len(timed) * 1e3, ours_comp_s, mean([x["length"] for x in timed]),
+             mean([x["sampling"] for x in timed]), mean([x["reward"] for x in lines.values()])],
+            ["TRL GRPOTrainer", trl_s / (N - w) * 1e3, trl_comp_s, mean(trl["lengths"][w:]), None, mean(trl["rewards"])]]
+    print(table(["trainer", "ms / step", "completions / s", "completion tokens (mean)", "sampling share",
+                 "mean reward"], rows))
+    print(f"{gcfg['batch_size']} completions a step ({gcfg['batch_size'] // gcfg['num_generations']} prompts x "
+          f"G={gcfg['num_generations']}), at most {gcfg['max_new_tokens']} new tokens, micro-batches of "
+          f"{gcfg['micro_batch']}; {N - w} steps timed after {w}; same prompt ids: {trl['same_prompt']}; "
+          f"policy {gcfg['init_from']}; device {device.type}")
+    return {"grpo_speed_ratio": ours_comp_s / trl_comp_s,
+            "grpo": dict(steps=N, warmup=w, completions_per_step=gcfg["batch_size"], G=gcfg["num_generations"],
+                         max_new_tokens=gcfg["max_new_tokens"], ours_completions_s=ours_comp_s,
+                         trl_completions_s=trl_comp_s, ours_ms_step=ours_s / len(timed) * 1e3,
+                         trl_ms_step=trl_s / (N - w) * 1e3, ours_mean_length=rows[0][3], trl_mean_length=rows[1][3],
+                         ours_sampling_share=rows[0][4], same_prompt=trl["same_prompt"], grpo_args=cfg["grpo_args"])}
 
 
 # ============================================================================ gpu check
@@ -912,6 +1041,8 @@ def gpu_check(cfg, device):
 
 # ============================================================================ main
 def main():
+    from transformers.utils import logging
+    logging.disable_progress_bar()      # no bar per weight file
     argv = [a + "=true" if a in ("--gpu_check", "--dry_run") else a for a in sys.argv[1:]]
     try:
         cfg = configure(DEFAULTS, PRESETS, argv)
