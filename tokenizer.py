@@ -351,55 +351,163 @@ def boxes_of(masks):
     return torch.from_numpy(boxes_from_masks(np.asarray(masks)))
 
 
-def load_tokenizer(path, device="cpu"):
-    """A trained tokenizer from a checkpoint (weights + the config that built them)."""
+def load_tokenizer(path, device="cpu", sam2_ckpt=""):
+    """A trained tokenizer: a checkpoint of this script (ckpt.pt or its folder: weights + the
+    config that built them), or the authors' released mask_tokenizer_256x2.pth, converted on the
+    fly (convert_released); its image encoder comes from sam2_ckpt if the file has none."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
         raise UserError(f"no tokenizer checkpoint at {path}: run `python tokenizer.py` first")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or ck.get("stage") != "tokenizer":
-        raise UserError(f"{path} is not a tokenizer checkpoint")
-    model = SAMTok(ck["config"])
-    model.load_state_dict(ck["model"])
+    ck = read_checkpoint(path)
+    if isinstance(ck, dict) and ck.get("stage") == "tokenizer":
+        model = SAMTok(ck["config"])
+        model.load_state_dict(ck["model"])
+    elif isinstance(ck, dict) and "quantizer.codebooks.0.weight" in ck:
+        cfg, sd = convert_released(ck, path, read_state_dict(sam2_ckpt) if sam2_ckpt else None)
+        model = SAMTok(cfg)
+        load_checked(model, sd, path, None)
+    else:
+        raise UserError(f"{path} is not a tokenizer checkpoint (neither tokenizer.py's nor a released mask_tokenizer_*.pth)")
     return model.to(device).eval()
 
 
-def load_sam2_checkpoint(model, path):
-    """Load an official sam2.1_hiera_*.pt (its "model" dict) into the SAM2 parts; every SAM2
-    key we have must be there with the right shape, or nothing is loaded."""
-    if not os.path.exists(path):
-        raise UserError(f"SAM2 checkpoint {path} not found")
-    sd = torch.load(path, map_location="cpu", weights_only=False)
-    sd = sd.get("model", sd)
-    ours = {k: v for k, v in model.state_dict().items()
-            if k.split(".")[0] in ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "no_mem_embed")}
+def read_checkpoint(path):
+    """torch.load (tensors and plain containers only: a checkpoint cannot run code), or one line
+    naming the file. Any exception is caught: a truncated zip, a text file and a pickle of
+    foreign classes all fail in different ways inside torch.load."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+
+
+def read_state_dict(path):
+    """The state dict of a checkpoint file: its "model" entry (the official sam2.1_hiera_*.pt
+    layout, and ours) or the file itself (a released tokenizer)."""
+    ck = read_checkpoint(path)
+    sd = ck.get("model", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path} holds no state dict (a dict of tensor names to tensors)")
+    return sd
+
+
+SAM2_PARTS = ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "no_mem_embed")
+HIERA = {(96, 12): "t", (96, 16): "s", (112, 24): "b+", (144, 48): "l"}   # (embed_dim, blocks) -> SAM2.1 size
+
+
+def hiera_size(sd):
+    """Which SAM2.1 Hiera a state dict holds ("t", "s", "b+", "l"), from the trunk's width and depth."""
+    w = sd.get("image_encoder.trunk.patch_embed.proj.weight")
+    blocks = {k.split(".")[3] for k in sd if k.startswith("image_encoder.trunk.blocks.")}
+    return HIERA.get((w.shape[0], len(blocks))) if w is not None else None
+
+
+def load_checked(model, sd, path, parts):
+    """Load every key of model (of the given top-level parts; None = all) from sd, or refuse
+    before anything is loaded, naming the file and the first missing / mismatched keys."""
+    ours = {k: v for k, v in model.state_dict().items() if parts is None or k.split(".")[0] in parts}
     missing = [k for k in ours if k not in sd]
-    bad = [k for k in ours if k in sd and sd[k].shape != ours[k].shape]
-    if missing or bad:
-        raise UserError(f"{path} does not match the SAM2 config {model.cfg['sam2_config']}: "
-                        f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(bad)} of another shape (e.g. {bad[:2]})")
-    model.load_state_dict({k: sd[k] for k in ours}, strict=False)
+    bad = [f"{k} {tuple(sd[k].shape)} in the file, {tuple(ours[k].shape)} here" for k in ours
+           if k in sd and sd[k].shape != ours[k].shape]
+    extra = [k for k in sd if parts is None and k not in ours]
+    if missing or bad or extra:
+        size = hiera_size(sd)
+        hint = (f" The file holds SAM2.1 Hiera-{size}: --sam2_config=configs/sam2.1/sam2.1_hiera_{size}.yaml "
+                f"--sam2_overrides= --d_model=256 --mlp_dim=2048" + (" (= --preset=paper)" if size == "l" else "")) if size else ""
+        what = [f"{len(x)} {name} (first: {', '.join(x[:2])})" for x, name in
+                ((missing, "keys missing"), (bad, "of another shape"), (extra, "unexpected keys")) if x]
+        raise UserError(f"{path} does not fit this model ({model.cfg['sam2_config']}, d_model {model.cfg['d_model']}): "
+                        f"{'; '.join(what)}; nothing was loaded.{hint}")
+    model.load_state_dict({k: sd[k].to(ours[k].dtype) for k in ours}, strict=False)
+
+
+def load_sam2_checkpoint(model, path):
+    """Load an official sam2.1_hiera_*.pt ({"model": SAM2Base state dict}) into the SAM2 parts,
+    all or nothing. Our module names are SAM2Base's, so the keys match one to one; the file's
+    video parts (memory attention / encoder, object pointers) are not used on single images. A
+    released SAMTok file (SAM2 under "model.sam2_model.") works too."""
+    sd = read_state_dict(path)
+    load_checked(model, {k.removeprefix(RELEASED_PREFIX): v for k, v in sd.items()}, path, SAM2_PARTS)
+
+
+RELEASED_PREFIX = "model.sam2_model."
+VIDEO_ONLY = ("memory_attention", "memory_encoder", "maskmem_tpos_enc", "no_mem_pos_enc", "obj_ptr_proj",
+              "obj_ptr_tpos_proj", "mask_downsample", "no_obj_ptr", "no_obj_embed_spatial")
+
+
+def convert_released(sd, path, sam2_sd=None):
+    """The authors' released tokenizer (mask_tokenizer_256x2.pth, the state dict of VQ_SAM2 in
+    bytedance/Sa2VA projects/samtok) -> (config, our state dict). Their model is ours, renamed:
+        model.sam2_model.{image_encoder, sam_prompt_encoder, sam_mask_decoder, no_mem_embed}.*  same names
+        model.sam2_model.sam_mask_encoder.transformer.*        -> mask_encoder.* (2-layer two-way transformer)
+        model.sam2_model.sam_mask_encoder.mask_tokens.weight   -> query.weight (1, 256)
+        quantizer.codebooks.{l}.weight (257, 256)              -> rvq.codebook[l] (row 256 = padding_idx, dropped)
+        quantizer.codebooks.{l}.cluster_size_ema / embed_ema   -> rvq.ema_count[l] / rvq.ema_sum[l]
+    Dropped: SAM2's video parts (VIDEO_ONLY), unused on single images. Refused: more than one
+    mask token (their MASK_TOKENIZER_NUM_MASK_TOKEN > 1 merges several query outputs through
+    extra MLPs, concate_mask_embeds / deconcate_quant_embed; ours encodes a mask with one query)
+    and any key this list does not name. The SAM2 size is read off the weights."""
+    n_query = sd.get(RELEASED_PREFIX + "sam_mask_encoder.mask_tokens.weight", torch.zeros(1, 1)).shape[0]
+    if n_query != 1 or any(k.startswith(("concate_mask_embeds", "deconcate_quant_embed")) for k in sd):
+        raise UserError(f"{path} encodes a mask with {n_query} query tokens merged by an MLP "
+                        "(concate_mask_embeds); our SAMTok has one query token, so this model cannot be converted")
+    ours, books = {}, {}
+    for k, v in sd.items():
+        v = v.float()                                       # released weights may be bf16
+        if k.startswith("quantizer.codebooks."):
+            level, name = k.split(".")[2:4]
+            books.setdefault(int(level), {})[name] = v
+            continue
+        name = k.removeprefix(RELEASED_PREFIX)
+        if k == name or name.split(".")[0] not in SAM2_PARTS + VIDEO_ONLY + ("sam_mask_encoder",):
+            raise UserError(f"{path}: key {k} has no counterpart in SAMTok (not a released mask_tokenizer_*.pth?)")
+        if name.startswith("sam_mask_encoder.transformer."):
+            name = "mask_encoder." + name.removeprefix("sam_mask_encoder.transformer.")
+        elif name == "sam_mask_encoder.mask_tokens.weight":
+            name = "query.weight"
+        if name.split(".")[0] not in VIDEO_ONLY:
+            ours[name] = v
+    if sorted(books) != list(range(len(books))) or any("weight" not in b for b in books.values()):
+        raise UserError(f"{path}: codebooks {sorted(books)} are incomplete (each level needs quantizer.codebooks.L.weight)")
+    K = books[0]["weight"].shape[0] - 1
+    ours["rvq.codebook"] = torch.stack([b["weight"][:K] for b in books.values()])
+    ours["rvq.ema_count"] = torch.stack([b.get("cluster_size_ema", torch.ones(K)) for b in books.values()])
+    ours["rvq.ema_sum"] = torch.stack([b.get("embed_ema", b["weight"][:K]) for b in books.values()])
+    ours["rvq.initialized"] = torch.tensor(True)
+    if not any(k.startswith("image_encoder.") for k in ours):   # the SAM2 image encoder may ship separately
+        if sam2_sd is None:
+            raise UserError(f"{path} has no SAM2 image encoder: pass the SAM2.1 checkpoint too (sam2_ckpt=sam2.1_hiera_large.pt)")
+        ours.update({k: v.float() for k, v in sam2_sd.items() if k.split(".")[0] in SAM2_PARTS and k not in ours})
+    size = hiera_size(ours)
+    if size is None or "no_mem_embed" not in ours or "mask_encoder.layers.0.mlp.layers.0.weight" not in ours:
+        raise UserError(f"{path}: cannot tell the SAM2 size or the mask encoder width from its weights")
+    cfg = {**DEFAULTS, **PRESETS["paper"], "preset": "released", "sam2_config": f"configs/sam2.1/sam2.1_hiera_{size}.yaml",
+           "d_model": ours["no_mem_embed"].shape[-1], "mlp_dim": ours["mask_encoder.layers.0.mlp.layers.0.weight"].shape[0],
+           "levels": len(books), "codebook_size": K, "image_size": 1024, "mask_threshold": 0.5}  # as their demo runs it
+    return cfg, ours
 
 
 # ----------------------------------------------------------------------------- data
 def load_split(cfg, split):
-    """Scenes of a split as a list of dicts with image (H, W, 3) uint8 and masks (N, H, W)."""
-    n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
-    if cfg["data"] == "shapes":
-        from data import iter_scenes
-        return [s for _, s in iter_scenes(split, n, size=cfg["image_size"] if cfg["image_size"] <= 512 else 512)]
+    """The first n scenes of a split of --data, as a list of scene dicts (image (H, W, 3) uint8,
+    masks (N, H, W), ...) read through data.open_dataset: shapes, a jsonl folder, coco:...,
+    refcoco:..., grefcoco:..., sa1b:... (see data/__init__.py). Formats without splits of their
+    own are split 90/5/5 by a hash of the image name; skipped items are summed up on stderr."""
     from collections import Counter
-    from data import read_folder
-    skipped = Counter()
-    scenes = list(read_folder(cfg["data"], skipped))
-    if skipped:
-        print(f"skipped in {cfg['data']}: " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
-    cut1, cut2 = int(0.9 * len(scenes)), int(0.95 * len(scenes))  # a user folder: 90/5/5 split
-    part = {"train": scenes[:cut1], "val": scenes[cut1:cut2], "test": scenes[cut2:]}[split][:n]
-    if not part:
+    from itertools import islice
+    from data import open_dataset
+    n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
+    spec = cfg["data"]
+    if spec == "shapes":    # the world drawn at the model's resolution (up to 512 px)
+        spec = f"shapes:{min(cfg['image_size'], 512)}"
+    cap = cfg["masks_per_image"] * 4    # enough for masks_per_image draws, far fewer than SA-1B's ~100
+    scenes = list(islice(open_dataset(spec, Counter(), split=split, max_masks=cap), n))
+    if not scenes:
         raise UserError(f"{cfg['data']} has no usable samples for the {split} split")
-    return part
+    return scenes
 
 
 class MaskSet:
