@@ -17,7 +17,9 @@ image at a time. spec is one of
     grefcoco:GREFS_JSON:INSTANCES_JSON:IMAGE_DIR  gRefCOCO (multi-target and no-target phrases)
     sa1b:FOLDER                                   SA-1B per-image JSON + JPEG pairs
 
-(refcoco+: and refcocog: are accepted as names for refcoco:.) Every scene has the keys
+(refcoco+: and refcocog: are accepted as names for refcoco:.) Several specs joined by commas
+are a mixture: one scene from each in turn until each runs out, e.g.
+"refcoco:...,grefcoco:...". Every scene has the keys
     id        str (file name; the seed for shapes)   image  (H, W, 3) uint8
     masks     (N, H, W) bool, N >= 1                 boxes  (N, 4) float32 xyxy, tight, x2/y2 exclusive
     objects   list of N dicts (what the format knows: category, ann_id, ...; shapes: colour, shape, ...)
@@ -58,6 +60,8 @@ def open_dataset(spec, skipped=None, split=None, max_masks=0):
     from collections import Counter
     from common import UserError
     skipped = Counter() if skipped is None else skipped
+    if "," in spec:         # a mixture: every part is opened (and checked) now, read in turn
+        return _interleave([open_dataset(part, skipped, split, max_masks) for part in spec.split(",")])
     kind, _, rest = spec.partition(":")
     args = rest.split(":") if rest else []
     want = {"shapes": (0, 1), "jsonl": (1,), "coco": (2,), "refcoco": (3,), "refcoco+": (3,), "refcocog": (3,),
@@ -73,8 +77,8 @@ def open_dataset(spec, skipped=None, split=None, max_masks=0):
         raise UserError(f"--data={spec!r}: {kind} takes {max(want[kind])} colon-separated paths, got {len(args)}")
     if kind == "shapes":
         size = args[0] if args else "128"
-        if not size.isdigit() or int(size) < 16:
-            raise UserError(f"--data={spec!r}: the shapes world takes an image size >= 16 (shapes:SIZE)")
+        if not size.isdigit() or int(size) < 48:      # smaller worlds cannot place their shapes
+            raise UserError(f"--data={spec!r}: the shapes world takes an image size >= 48 (shapes:SIZE)")
         if split not in (None, *SPLITS):
             raise UserError(f"the shapes world has splits {', '.join(SPLITS)}, not {split!r}")
         lo, hi = SPLITS[split or "train"]
@@ -97,6 +101,16 @@ def open_dataset(spec, skipped=None, split=None, max_masks=0):
     from data.refcoco import read_grefcoco, read_refcoco
     reader = read_grefcoco if kind == "grefcoco" else read_refcoco
     return reader(*args, skipped=skipped, split=split, max_masks=max_masks)
+
+
+def _interleave(iterators):
+    """Round-robin over iterators, dropping each one as it runs out."""
+    while iterators:
+        for it in list(iterators):
+            try:
+                yield next(it)
+            except StopIteration:
+                iterators.remove(it)
 
 
 __all__ = ["open_dataset", "COLORS", "SHAPES", "SPLITS", "iter_scenes", "make_scene", "matches", "scene_seeds",

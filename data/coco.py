@@ -63,19 +63,21 @@ class Skip(Exception):
 
 
 class Skips:
-    """The `skipped` Counter of a reader plus one example per reason, for the summary line."""
+    """What one reader skipped: counted in the caller's `skipped` Counter (which several readers
+    of a mixture may share) and in its own, with one example per reason for the summary line."""
 
     def __init__(self, name, skipped):
-        self.name, self.counter, self.examples = name, Counter() if skipped is None else skipped, {}
+        self.name, self.shared, self.mine, self.examples = name, skipped, Counter(), {}
 
     def add(self, reason, where, n=1):
-        self.counter[reason] += n
+        self.mine[reason] += n
+        if self.shared is not None:
+            self.shared[reason] += n
         self.examples.setdefault(reason, where)
 
     def report(self):
-        if self.counter:
-            parts = [f"{k}={v}" + (f" (e.g. {self.examples[k]})" if k in self.examples else "")
-                     for k, v in sorted(self.counter.items())]
+        if self.mine:
+            parts = [f"{k}={v} (e.g. {self.examples[k]})" for k, v in sorted(self.mine.items())]
             print(f"{self.name}: skipped " + ", ".join(parts), file=sys.stderr)
 
 # ----------------------------------------------------------------------------- compressed RLE
@@ -400,15 +402,14 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def stream(instances, image_dir):
-    """Stream a COCO fixture through data.open_dataset and print the resident memory as it
-    goes: after imports, after the annotation index, at 10 / 50 / 100 % of the images, peak."""
+def stream(instances, image_dir, n_images):
+    """Stream a COCO fixture of n_images through data.open_dataset and print the resident memory
+    as it goes: after imports, after the annotation index, at 10 / 50 / 100 % of the images, peak."""
     from data import open_dataset
     base = rss_mb()
     t0 = time.time()
     it = open_dataset(f"coco:{instances}:{image_dir}", Counter())
     after_index = rss_mb()
-    n_images = len(json.load(open(instances))["images"])
     marks = {max(1, n_images // 10): "10%", max(1, n_images // 2): "50%"}
     seen, n_masks, line = 0, 0, []
     for scene in it:
@@ -436,8 +437,8 @@ def main(argv):
             return 2
         args[key] = value
     if args["stream"]:                   # the child process of --selftest: only the reading
-        instances, image_dir = args["stream"].split(":")
-        stream(instances, image_dir)
+        instances, image_dir, n = args["stream"].split(":")
+        stream(instances, image_dir, int(n))
         return 0
     if not (args["selftest"] or "").isdigit() or int(args["selftest"]) < 1:
         print(f"error: --selftest takes a positive number of images; {usage}", file=sys.stderr)
@@ -450,7 +451,7 @@ def main(argv):
           f"({os.path.getsize(path) / 2 ** 20:.1f} MB) in {time.time() - t0:.0f} s")
     # the reading runs in a fresh process, so that its peak RSS is the reader's alone
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.call([sys.executable, "-m", "data.coco", f"--stream={path}:{os.path.join(out, 'images')}"],
+    return subprocess.call([sys.executable, "-m", "data.coco", f"--stream={path}:{os.path.join(out, 'images')}:{n}"],
                            env=env)
 
 

@@ -11,7 +11,9 @@ SA-1B is most of the paper's tokenizer data (200M of its 209M masks). Each tar u
 with masks as compressed RLE (data/coco.py decodes them). Each image becomes one scene with
 objects [{ann_id, predicted_iou, stability_score}] and no text (refs / captions empty).
 
-Streaming: the folder listing is read (names only), then one JSON and one JPEG at a time.
+FOLDER may be one unpacked tar or the folder holding all of them (one level of subfolders).
+Streaming: a folder's listing is read (names only) when reached, then one JSON and one JPEG
+at a time.
 An SA-1B image has ~100 masks at ~1500 x 2250: ~340 MB of bool masks for one scene, so pass
 max_masks (a random subset per image, seeded by the image) when the consumer samples a few
 masks per image anyway (the tokenizer's masks_per_image).
@@ -27,16 +29,23 @@ from data.coco import Skip, Skips, annotated_image, check_dir, check_split, pick
 
 
 def read_sa1b(folder, skipped=None, split=None, max_masks=0):
-    """Iterate the scenes of an SA-1B folder (the JSON files in name order)."""
+    """Iterate the scenes of an SA-1B folder: its JSON files in name order, then those of its
+    subfolders (sa_000000/, sa_000001/, ... as the tars unpack), each listed when reached."""
     check_split(split)
     check_dir(folder, "SA-1B folder")
-    names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".json") and e.is_file())
-    return _iter_sa1b(folder, names, Skips(f"sa1b({folder})", skipped), split, max_masks)
+    return _iter_sa1b(folder, Skips(f"sa1b({folder})", skipped), split, max_masks)
 
 
-def _iter_sa1b(folder, names, skips, split, max_masks):
+def _json_files(folder):
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    yield from ((folder, e.name) for e in entries if e.name.endswith(".json") and e.is_file())
+    for sub in (e.path for e in entries if e.is_dir()):
+        yield from ((sub, n) for n in sorted(x.name for x in os.scandir(sub) if x.name.endswith(".json") and x.is_file()))
+
+
+def _iter_sa1b(root, skips, split, max_masks):
     try:
-        for name in names:
+        for folder, name in _json_files(root):
             if split and split_of(name) != split:
                 continue
             try:

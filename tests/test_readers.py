@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 from collections import Counter
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def test_coco_selftest_pieces(tmp_path, capsys):
     """The parts of `python -m data.coco --selftest=N` (which runs them in two processes)."""
     from data.coco import main, stream
     path = write_coco(str(tmp_path), 10)
-    stream(path, str(tmp_path / "images"))
+    stream(path, str(tmp_path / "images"), 10)
     out = capsys.readouterr()
     assert "streamed 10 images" in out.out and "peak RSS" in out.out and "skipped" not in out.err
     assert main(["--selftest=many"]) == 2 and main(["--bogus=1"]) == 2
@@ -299,6 +300,14 @@ def test_sa1b_reader(tmp_path):
     assert skipped == Counter(missing_image=1, bad_json=1, mask_size_mismatch=1)
     capped = list(open_dataset(f"sa1b:{d}", max_masks=1))
     assert capped[0]["id"] == "sa_1.png" and all(len(s["masks"]) == 1 for s in capped)
+    # the folder of all the unpacked tars: one level of subfolders, each listed when reached
+    (tmp_path / "sa_000001").mkdir()
+    for f in ("sa_1.json", "sa_1.png"):
+        (tmp_path / "sa_000001" / f.replace("_1", "_9")).write_bytes((d / f).read_bytes())
+    rec = json.loads((tmp_path / "sa_000001" / "sa_9.json").read_text())
+    rec["image"]["file_name"] = "sa_9.png"
+    (tmp_path / "sa_000001" / "sa_9.json").write_text(json.dumps(rec))
+    assert [s["id"] for s in open_dataset(f"sa1b:{tmp_path}", Counter())] == ["sa_1.png", "sa_4.png", "sa_9.png"]
     with pytest.raises(UserError, match="SA-1B folder .*nowhere does not exist"):
         open_dataset(f"sa1b:{tmp_path / 'nowhere'}")
 
@@ -321,6 +330,13 @@ def test_open_dataset_shapes_and_folders(tmp_path):
             open_dataset(spec)
     with pytest.raises(UserError, match="annotations.jsonl"):
         open_dataset(f"jsonl:{tmp_path}")
+    # a mixture: one scene of each part in turn, then the rest of the longer one
+    val = [i for i in every if split_of(i) == "val"]
+    mix = [s["id"] for s in islice(open_dataset(f"jsonl:{tmp_path / 'f'},shapes:48", split="val"), 2 * len(val) + 2)]
+    assert mix[0:2 * len(val):2] == val and mix[1::2][:len(val)] == list(range(1_000_000, 1_000_000 + len(val)))
+    assert mix[2 * len(val):] == [1_000_000 + len(val), 1_000_001 + len(val)]
+    with pytest.raises(UserError, match="nowhere"):
+        open_dataset(f"shapes,coco:{tmp_path / 'nowhere.json'}:{tmp_path}")
     with pytest.raises(UserError, match="splits train, val, test"):
         open_dataset("shapes", split="testA")
 
