@@ -20,7 +20,7 @@ Sections (--only takes a comma list of these names):
     python bench.py                                # resolution, rvq, encodings, sft, grpo on CPU
     python bench.py --only=rvq,encodings           # some sections
     python bench.py --device=cuda                  # the timed sections on a GPU
-    python bench.py --gpu_check                    # the real-size GPU check (issue 5), ~4 minutes
+    python bench.py --gpu_check                    # the real-size GPU check (issue 5), < 5 minutes
     python bench.py --dry_run                      # the GPU check's code paths at tiny sizes, CPU
     python bench.py --only=resolution --image_size=256 --n=200
 
@@ -65,16 +65,16 @@ DEFAULTS = dict(
     bins=256,                   # coordinate bins of the box and polygon tokens
     # sft: sft.py (its own process) against TRL's SFTTrainer (this process)
     sft_steps=30, sft_warmup=3,  # steps timed after sft_warmup untimed ones, on both sides
+    sft_repeats=2,              # runs a side, alternating (ABBA): the median counts
     sft_args="--n_train=200",   # extra sft.py options, the same for both sides
     sft_out="out/bench/sft",
-    # grpo
     # grpo: grpo.py (its own process, from the Stage-2 model in out/sft) against TRL's GRPOTrainer
     grpo_steps=6, grpo_warmup=1, grpo_args="--n_train=100", grpo_out="out/bench/grpo",
     # gpu check (issue 5): real sizes, random init, one GPU
     gpu_check=False, dry_run=False,
     gpu_steps=8, gpu_warmup=3,
     gpu_tok_images=16, gpu_tok_masks=8,         # SAM2.1-L tokenizer: 16 images x 8 masks a step
-    gpu_sft_batch=8, gpu_sft_image=448,          # Qwen2.5-VL-3B: conversations a step, px
+    gpu_sft_batch=4, gpu_sft_image=448,          # Qwen2.5-VL-3B: conversations a step (~80 GB), px
     gpu_gen_prompts=8, gpu_gen_group=16, gpu_gen_tokens=64,   # GRPO: prompts x G completions
     peak_tflops=989.0,          # H100 / H200 dense bf16 peak, for the MFU
 )
@@ -98,6 +98,11 @@ def table(header, rows):
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows])
+
+
+def last_line(text):
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1].strip() if lines else "(no message)"
 
 
 def try_import(name):
@@ -538,6 +543,13 @@ def training_template():
     return sft.CHAT_TEMPLATE.replace(body + "\n", marked)
 
 
+def sft_trainable(model, cfg):
+    """What trains in sft.py: everything, or with freeze_vision the projector (merger) and the LLM."""
+    import sft
+    for name, p in sft.vision_tower(model).named_parameters():
+        p.requires_grad = not cfg["freeze_vision"] or "merger" in name
+
+
 def sft_optimizer(model, cfg):
     """sft.py's AdamW: no weight decay on 1-d parameters (norms, biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -546,12 +558,39 @@ def sft_optimizer(model, cfg):
                              lr=cfg["lr"], betas=(0.9, cfg["beta2"]))
 
 
+def step_clock(device):
+    """A Trainer callback that times each optimizer step from the end of the previous one (the
+    first from the start of training): wall clock of everything the Trainer does between two
+    steps, data loading and collation included (the Trainer fetches a step's batches before
+    its on_step_begin), as sft.py's and grpo.py's step lines count theirs. Keeps the logs."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.last, self.seconds, self.logs = 0.0, [], []
+
+        def on_train_begin(self, args, state, control, **kw):
+            sync(device)
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                self.logs.append(dict(logs))
+    return StepClock()
+
+
 def run_trl_sft(cfg, model, processor, images, samples, steps, device):
     """TRL's SFTTrainer on the same model, rows and micro-batches (in sft.py's order), same
     optimiser settings. -> dict(step_seconds: list, losses: list, first_batch_ids_equal)."""
     import sft
     from torch.utils.data import DataLoader
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
     plan = sft_stream(cfg, samples, steps)
@@ -566,8 +605,7 @@ def run_trl_sft(cfg, model, processor, images, samples, steps, device):
     # sft.py's optimiser and schedule, handed to the Trainer, so that both sides take the same
     # steps: AdamW without decay on 1-d parameters, warmup + cosine from common.lr_at (HF's own
     # warmup starts at lr 0, ours at lr / warmup steps)
-    for name, p in sft.vision_tower(model).named_parameters():
-        p.requires_grad = not cfg["freeze_vision"] or "merger" in name
+    sft_trainable(model, cfg)
     opt = sft_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_at(s, steps, 1.0, cfg["warmup_frac"], cfg["min_lr_ratio"]))
@@ -580,29 +618,13 @@ def run_trl_sft(cfg, model, processor, images, samples, steps, device):
             use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no", report_to="none",
             dataloader_num_workers=0, seed=cfg["seed"], disable_tqdm=True, log_level="warning")
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.t, self.seconds, self.losses = 0.0, [], []
-
-        def on_step_begin(self, args, state, control, **kw):
-            sync(device)
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            sync(device)
-            self.seconds.append(time.perf_counter() - self.t)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
     class SameBatches(SFTTrainer):
         """sft.py's micro-batches, in its order (TRL would shuffle its own)."""
         def get_train_dataloader(self):
             return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=batches,
                                                        collate_fn=self.data_collator))
 
-    clock = Clock()
+    clock = step_clock(device)
     with warnings.catch_warnings():      # transformers' deprecation notes about TRL's own defaults
         warnings.simplefilter("ignore", FutureWarning)
         trainer = SameBatches(model=model, args=args, train_dataset=ds, processing_class=processor,
@@ -618,7 +640,24 @@ def run_trl_sft(cfg, model, processor, images, samples, steps, device):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         trainer.train()
-    return dict(step_seconds=clock.seconds, losses=clock.losses, same_ids=same_ids, same_labels=same_labels)
+    losses = [float(x["loss"]) for x in clock.logs if "loss" in x]
+    return dict(step_seconds=clock.seconds, losses=losses, same_ids=same_ids, same_labels=same_labels)
+
+
+def run_sft_py(args, N, w):
+    """sft.py in its own process, exactly as a user runs it. Its step lines (log_every=1) give
+    cumulative ms/step and tok/s since its loop began: the steps after the warm-up are the
+    difference of the cumulative totals at steps N and w. -> tok/s, ms/step, loss by step."""
+    proc = subprocess.run([sys.executable, "sft.py", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    if proc.returncode != 0:
+        raise UserError(f"sft.py {' '.join(args)} exited with code {proc.returncode}: {last_line(proc.stderr)}")
+    steps = {int(m[1]): (float(m[2]), int(m[3]), int(m[4])) for m in STEP_LINE.finditer(proc.stdout)}
+    if set(steps) != set(range(1, N + 1)):
+        raise RuntimeError(f"could not read sft.py's step lines (got steps {sorted(steps)[:5]}...)")
+    T = lambda s: steps[s][1] * s / 1e3
+    tokens = steps[N][2] * T(N) - steps[w][2] * T(w)
+    return dict(tok_s=tokens / (T(N) - T(w)), ms=(T(N) - T(w)) / (N - w) * 1e3, losses=[steps[s][0] for s in range(1, N + 1)])
 
 
 def bench_sft(cfg, device):
@@ -629,46 +668,40 @@ def bench_sft(cfg, device):
         print(f"sft: trl is not installed ({PEER_PIP}); skipped")
         return {"sft_speed_ratio": None, "sft": {"skipped": "trl missing"}}
     import sft
+    if not os.path.exists(cfg["tokenizer_ckpt"]):
+        raise UserError(f"no tokenizer checkpoint at {cfg['tokenizer_ckpt']}: run `python tokenizer.py` first")
     args = [a for a in cfg["sft_args"].split() if a] + [
         f"--out_dir={cfg['sft_out']}", f"--tokenizer_ckpt={cfg['tokenizer_ckpt']}", f"--steps={N}", "--eval_n=0",
         "--log_every=1", f"--ckpt_every={10 ** 9}", f"--device={device.type}", f"--seed={cfg['seed']}"]
     scfg = configure(sft.DEFAULTS, sft.PRESETS, args)
-    # ---- sft.py, its own process, exactly as a user runs it; its step lines give the figures
-    t = time.time()
-    proc = subprocess.run([sys.executable, "sft.py", *args], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    if proc.returncode != 0:
-        raise RuntimeError(f"sft.py failed:\n{proc.stderr[-2000:]}")
-    steps = {int(m[1]): (float(m[2]), int(m[3]), int(m[4])) for m in STEP_LINE.finditer(proc.stdout)}
-    if set(steps) != set(range(1, N + 1)):
-        raise RuntimeError(f"could not read sft.py's step lines (got steps {sorted(steps)[:5]}...)")
-    # the lines give cumulative ms/step and tok/s since the loop began: the steps after the
-    # warm-up are the difference of the cumulative totals at step N and step w
-    T = lambda s: steps[s][1] * s / 1e3
-    tok_n = steps[N][2] * T(N) - steps[w][2] * T(w)
-    ours_tok_s = tok_n / (T(N) - T(w))
-    ours_ms = (T(N) - T(w)) / (N - w) * 1e3
-    print(f"sft.py: {N} steps in its own process ({time.time() - t:.0f} s with its setup)")
-    # ---- TRL, this process, same everything
-    model, processor, images, samples = sft_setup(scfg)
-    trl = run_trl_sft(scfg, model.to(device), processor, images, samples, N, device)
-    plan = sft_stream(scfg, samples, N)
-    tokens = [sum(len(samples[j]["ids"]) for mb in step for j in mb) for step in plan]
-    trl_s = sum(trl["step_seconds"][w:])
-    trl_tok_s = sum(tokens[w:]) / trl_s
-    trl_ms = trl_s / (N - w) * 1e3
-    rows = [["sft.py", ours_ms, ours_tok_s, steps[1][0], steps[N][0]],
-            ["TRL SFTTrainer", trl_ms, trl_tok_s, trl["losses"][0] if trl["losses"] else None,
-             trl["losses"][-1] if trl["losses"] else None]]
+    ours, trl = [], []
+    # runs alternate ours, TRL, TRL, ours, ... so a change of the machine's load hits both alike
+    for r in range(cfg["sft_repeats"]):
+        for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            if side == "ours":
+                ours.append(run_sft_py(args, N, w))
+                continue
+            model, processor, images, samples = sft_setup(scfg)       # TRL: this process, same everything
+            res = run_trl_sft(scfg, model.to(device), processor, images, samples, N, device)
+            tokens = [sum(len(samples[j]["ids"]) for mb in step for j in mb) for step in sft_stream(scfg, samples, N)]
+            t = sum(res["step_seconds"][w:])
+            trl.append(dict(res, tok_s=sum(tokens[w:]) / t, ms=t / (N - w) * 1e3))
+    med = lambda runs, k: float(np.median([x[k] for x in runs]))
+    first = lambda v: v[0] if v else None
+    last = lambda v: v[-1] if v else None
+    rows = [["sft.py", med(ours, "ms"), med(ours, "tok_s"), first(ours[0]["losses"]), last(ours[0]["losses"])],
+            ["TRL SFTTrainer", med(trl, "ms"), med(trl, "tok_s"), first(trl[0]["losses"]), last(trl[0]["losses"])]]
     print(table(["trainer", "ms / step", "tokens / s", "loss, step 1", f"loss, step {N}"], rows))
-    print(f"same token ids in the first batch: {trl['same_ids']}, same loss positions: {trl['same_labels']}; "
-          f"{N - w} steps timed after {w}; {scfg['batch_size']} conversations a step; device {device.type}")
-    return {"sft_speed_ratio": ours_tok_s / trl_tok_s,
-            "sft": dict(steps=N, warmup=w, batch_size=scfg["batch_size"], ours_tok_s=ours_tok_s, trl_tok_s=trl_tok_s,
-                        ours_ms_step=ours_ms, trl_ms_step=trl_ms, ours_loss_first=steps[1][0], ours_loss_last=steps[N][0],
-                        trl_loss_first=trl["losses"][0] if trl["losses"] else None,
-                        trl_loss_last=trl["losses"][-1] if trl["losses"] else None,
-                        same_ids=trl["same_ids"], same_labels=trl["same_labels"], sft_args=cfg["sft_args"])}
+    print(f"same token ids and pixels in the first batch: {trl[0]['same_ids']}, same loss positions: "
+          f"{trl[0]['same_labels']}; {N - w} steps timed after {w}, median of {cfg['sft_repeats']} runs a side; "
+          f"{scfg['batch_size']} conversations a step; device {device.type}")
+    return {"sft_speed_ratio": rows[0][2] / rows[1][2],
+            "sft": dict(steps=N, warmup=w, repeats=cfg["sft_repeats"], batch_size=scfg["batch_size"],
+                        ours_tok_s=rows[0][2], trl_tok_s=rows[1][2], ours_ms_step=rows[0][1], trl_ms_step=rows[1][1],
+                        ours_tok_s_runs=[x["tok_s"] for x in ours], trl_tok_s_runs=[x["tok_s"] for x in trl],
+                        ours_loss_first=rows[0][3], ours_loss_last=rows[0][4], trl_loss_first=rows[1][3],
+                        trl_loss_last=rows[1][4], same_ids=trl[0]["same_ids"], same_labels=trl[0]["same_labels"],
+                        sft_args=cfg["sft_args"])}
 
 
 # ============================================================================ grpo
@@ -685,7 +718,7 @@ def run_trl_grpo(cfg, device, steps):
     from datasets import Dataset
     from PIL import Image
     from tokenizer import load_tokenizer
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
     torch.manual_seed(cfg["seed"])
     tok = load_tokenizer(cfg["tokenizer_ckpt"])
@@ -717,23 +750,7 @@ def run_trl_grpo(cfg, device, steps):
             use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no", report_to="none", seed=cfg["seed"],
             disable_tqdm=True, log_level="warning")
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.t, self.seconds, self.logs = 0.0, [], []
-
-        def on_step_begin(self, args, state, control, **kw):
-            sync(device)
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            sync(device)
-            self.seconds.append(time.perf_counter() - self.t)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "reward" in logs:
-                self.logs.append(dict(logs))
-
-    clock = Clock()
+    clock = step_clock(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         trainer = GRPOTrainer(model=model.to(device), reward_funcs=reward, args=args, train_dataset=ds,
@@ -748,8 +765,9 @@ def run_trl_grpo(cfg, device, steps):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         trainer.train()
-    lengths = [float(x.get("completions/mean_length", float("nan"))) for x in clock.logs]
-    rewards = [float(x["reward"]) for x in clock.logs]
+    logs = [x for x in clock.logs if "reward" in x]
+    lengths = [float(x.get("completions/mean_length", float("nan"))) for x in logs]
+    rewards = [float(x["reward"]) for x in logs]
     return dict(step_seconds=clock.seconds, lengths=lengths, rewards=rewards, same_prompt=same_prompt)
 
 
@@ -779,7 +797,7 @@ def bench_grpo(cfg, device):
     # ---- grpo.py, its own process; per-step lines (log_every=1) give each step's figures
     proc = subprocess.run([sys.executable, "grpo.py", *args], capture_output=True, text=True, cwd=here)
     if proc.returncode != 0:
-        raise RuntimeError(f"grpo.py failed:\n{proc.stderr[-2000:]}")
+        raise UserError(f"grpo.py {' '.join(args)} exited with code {proc.returncode}: {last_line(proc.stderr)}")
     lines = {int(m[1]): dict(reward=float(m[2]), length=float(m[3]), ms=int(m[4]), sampling=int(m[5]) / 100,
                              comp_s=int(m[6])) for m in GRPO_LINE.finditer(proc.stdout)}
     if set(lines) != set(range(1, N + 1)):
@@ -883,11 +901,11 @@ def gpu_tokenizer(cfg, device, dry):
                 params_m=n_params / 1e6)
 
 
-def vlm_flops(model, samples, batches, image_tokens):
+def vlm_flops(model, samples, batches, image_tokens, vision_trained):
     """Training FLOPs of a step's worth of sequences: 6 x (matmul parameters) per token for the
-    LLM (input embedding excluded, LM head included) and per patch for the vision tower, plus
-    attention 12 x layers x width x n^2 per sequence of n (forward + backward, no causal
-    discount: the PaLM convention)."""
+    LLM (input embedding excluded, LM head included), plus attention 12 x layers x width x n^2
+    per sequence of n (forward + backward, no causal discount: the PaLM convention); the vision
+    tower the same per patch when it trains, a third of it (forward only) when it is frozen."""
     import sft
     lm = sft.decoder_layers(model)
     llm_params = sum(p.numel() for p in lm.parameters()) + model.get_output_embeddings().weight.numel()
@@ -901,16 +919,18 @@ def vlm_flops(model, samples, batches, image_tokens):
         for j in mb:
             n = len(samples[j]["ids"])
             flops += 6 * llm_params * n + 12 * L * d * n * n
-            flops += 6 * vis_params * patches + 12 * Lv * dv * patches * patches
+            flops += (6 * vis_params * patches + 12 * Lv * dv * patches * patches) / (1 if vision_trained else 3)
     return flops
 
 
 def gpu_sft(cfg, device, dry):
     """sft.py's training step (sft.collate, sft.token_loss, its AdamW) at Qwen2.5-VL-3B size in
-    bf16 autocast, on the synthetic world's conversations with random mask codes."""
+    bf16 autocast, on the synthetic world's conversations with random mask codes. As the paper
+    (and --preset=paper of sft.py): vision tower frozen, projector (merger) and LLM trained."""
     import sft
     from data import iter_scenes
-    over = dict(TINY_VLM if dry else QWEN25_VL_3B, image_size=cfg["gpu_sft_image"], batch_size=cfg["gpu_sft_batch"])
+    over = dict(TINY_VLM if dry else QWEN25_VL_3B, image_size=cfg["gpu_sft_image"], batch_size=cfg["gpu_sft_batch"],
+                freeze_vision=True)
     scfg = configure(sft.DEFAULTS, sft.PRESETS, [f"--{k}={v}" for k, v in over.items()])
     scenes = list(iter_scenes("train", 16 if dry else 64))
     rng = np.random.default_rng(0)
@@ -928,6 +948,7 @@ def gpu_sft(cfg, device, dry):
     build_s = time.time() - t
     convs, _ = sft.tokenize(sft.conversations(samples, scfg["turns"], 0), images, processor, scfg["max_len"])
     stream = sft.micro_batches([len(c["ids"]) for c in convs], scfg["batch_size"], 0, scfg["bucket_pool"])
+    sft_trainable(model, scfg)
     model.config.use_cache = False
     model.train()
     opt = sft_optimizer(model, scfg)
@@ -955,7 +976,7 @@ def gpu_sft(cfg, device, dry):
     tokens[0] = 0
     dt = timed_steps(step, cfg["gpu_steps"], 0, device)
     tok_s = tokens[0] / (dt * cfg["gpu_steps"])
-    flops = vlm_flops(model, convs, used, image_tokens) / (dt * cfg["gpu_steps"])
+    flops = vlm_flops(model, convs, used, image_tokens, not scfg["freeze_vision"]) / (dt * cfg["gpu_steps"])
     n_params = sum(p.numel() for p in model.parameters())
     peak = cfg["peak_tflops"] * 1e12
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
@@ -1070,11 +1091,37 @@ def main():
                 old = json.load(f)
         except (OSError, ValueError):
             old = {}
+        old = old if isinstance(old, dict) else {}
     old.update(results)
     old["last_run"] = {"sections": only, "device": str(device), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "torch_threads": torch.get_num_threads()}
     write_json(cfg["out"], old)
+    rows = summary_rows(old)
+    if rows:
+        print("\n## summary (all figures in " + cfg["out"] + ")\n")
+        print(table(["figure", "measured", "target", "reached"], rows))
     print(f"\nwrote {cfg['out']} ({', '.join(only)})")
+
+
+def summary_rows(r):
+    """The issue's numbers to reach, against what out/bench.json holds."""
+    rows = []
+    yes = lambda ok: "yes" if ok else "no"
+    if r.get("rvq_speed_ratio") is not None:
+        rows.append(["quantizer speed, ours / vector-quantize-pytorch", f"{r['rvq_speed_ratio']:.2f}x", ">= 1.0x",
+                     yes(r["rvq_speed_ratio"] >= 1.0)])
+    if r.get("rvq_codes_agree") is not None:
+        rows.append(["quantizer codes identical", f"{r['rvq_codes_agree']:.2%}", "100%", yes(r["rvq_codes_agree"] == 1.0)])
+    enc = r.get("encodings") if isinstance(r.get("encodings"), dict) else {}
+    if "SAMTok, 2 codes" in enc and "polygon, 16 vertices" in enc:
+        a, b = enc["SAMTok, 2 codes"]["miou"], enc["polygon, 16 vertices"]["miou"]
+        rows.append(["mIoU, SAMTok 2 codes (4 tokens) vs 16-vertex polygons (32 tokens)", f"{a:.3f} vs {b:.3f}",
+                     ">= polygons", yes(a >= b)])
+    for key, name, target in (("sft_speed_ratio", "SFT tokens/s, sft.py / TRL SFTTrainer", 1.2),
+                              ("grpo_speed_ratio", "GRPO completions/s, grpo.py / TRL GRPOTrainer", 1.5)):
+        if r.get(key) is not None:
+            rows.append([name, f"{r[key]:.2f}x", f">= {target}x", yes(r[key] >= target)])
+    return rows
 
 
 FUNCS = {"resolution": "bench_resolution", "rvq": "bench_rvq", "encodings": "bench_encodings",
