@@ -183,14 +183,19 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, cfg, n_seqs, n_tokens, weig
       dr_grpo: sum over all tokens / (n_seqs * max_new_tokens), a constant: no length bias
       dapo:    sum over all tokens / n_tokens, every token of the batch weighs the same
     weight (N,), optional: per-sequence multiplier (0 drops a row). Returns (loss, stats) with
-    stats = sums over tokens of [k3 KL, low-clipped, high-clipped, tokens]."""
+    stats = sums over tokens of [k3 KL, low-clipped, high-clipped, tokens].
+    Values outside the mask are never used, whatever they are: in a right-aligned batch a short
+    completion's window starts inside its prompt, where a token may be one the policy can never
+    write (<|vision_end|>: log-prob -inf, and -inf - -inf is NaN, which 0 x NaN would not hide)."""
+    off = mask == 0
+    logp, old_logp = logp.masked_fill(off, 0.0), old_logp.masked_fill(off, 0.0)
     ratio = torch.exp(logp - old_logp)
     A = adv[:, None]
     clipped = torch.clamp(ratio, 1 - cfg["eps_low"], 1 + cfg["eps_high"])
     per_token = -torch.min(ratio * A, clipped * A)
     kl = None
     if cfg["beta"] > 0:
-        d = ref_logp - logp
+        d = ref_logp.masked_fill(off, 0.0) - logp
         kl = torch.exp(d) - d - 1
         per_token = per_token + cfg["beta"] * kl
     w = mask if weight is None else mask * weight[:, None]
@@ -275,10 +280,10 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
         out = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, N, 1).expand(3, N, 1),
                     cache=cache, use_cache=True)
         logits = out.logits[:, -1]
-    tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+    tokens, logps, ends = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist(), set(eos.tolist())
     comps = []
     for row, lp in zip(tokens, logps):
-        end = next((i for i, x in enumerate(row) if x in eos.tolist()), None)
+        end = next((i for i, x in enumerate(row) if x in ends), None)
         n = end + 1 if end is not None else len(row)
         comps.append(dict(ids=row[:n], logps=lp[:n], finished=end is not None))
     return comps

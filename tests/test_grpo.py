@@ -141,6 +141,12 @@ def test_policy_loss_matches_the_loop(loss_type, beta):
     parts = [grpo.policy_loss(logp[s], old[s], ref[s], adv[s], mask[s], cfg, N, mask.sum())[0]
              for s in (slice(0, 2), slice(2, 5))]
     assert sum(parts).item() == pytest.approx(want, rel=1e-5)
+    # what lies outside the mask is never used, even -inf (a prompt token the policy cannot write)
+    nan_logp = logp.masked_fill(mask == 0, -math.inf).requires_grad_()
+    out, _ = grpo.policy_loss(nan_logp, old.masked_fill(mask == 0, -math.inf), ref.masked_fill(mask == 0, -math.inf),
+                              adv, mask, cfg, N, mask.sum())
+    out.backward()
+    assert out.item() == pytest.approx(want, rel=1e-5) and torch.isfinite(nan_logp.grad).all()
     r = torch.exp(logp - old)
     low = ((r < 0.8) & (adv[:, None] < 0) & (mask > 0)).sum()
     high = ((r > 1.28) & (adv[:, None] > 0) & (mask > 0)).sum()
