@@ -429,6 +429,8 @@ def rle_tokens(mask):
 
 
 def bench_encodings(cfg, device):
+    """Tokens a mask against mIoU. SAMTok's count includes its two delimiters; the box's and the
+    polygons' count only their coordinates (no delimiters, no loop separators): generous to them."""
     from data import iter_scenes
     from data.jsonl import rle_decode, rle_encode
     from tokenizer import AREA_BUCKETS, iou, load_tokenizer
@@ -462,9 +464,8 @@ def bench_encodings(cfg, device):
                 poly = polygon_encode(m, k, cfg["bins"])
                 ious[f"polygon, {k} vertices"].append(iou(rasterize(poly, H, W)[None], m[None]))
                 tokens[f"polygon, {k} vertices"].append(2 * sum(len(p) for p in poly))
-            rle = rle_encode(m)
-            ious["RLE"].append(iou(rle_decode(rle)[None], m[None]))
-            tokens["RLE"].append(len(rle["counts"]))
+            ious["RLE"].append(iou(rle_decode(rle_encode(m))[None], m[None]))
+            tokens["RLE"].append(rle_tokens(m))
     area = np.concatenate(areas)
     rows, result = [], {}
     for n in names:

@@ -147,6 +147,23 @@ def test_trl_collator_sees_sft_tokens():
     assert (labels != -100).sum() > 0
 
 
+def test_sft_py_step_lines_are_read(tmp_path):
+    """The sft section reads sft.py's own step lines: a format change must fail here, not in a
+    long benchmark run."""
+    import tokenizer as T
+    from common import atomic_save
+    torch.manual_seed(0)
+    m = T.SAMTok(configure(T.DEFAULTS, T.PRESETS, ["--image_size=64", "--d_model=32", "--mlp_dim=64"])).eval()
+    m.rvq.init_codebooks(torch.randn(512, 32))
+    ckpt = str(tmp_path / "tok.pt")
+    atomic_save({"stage": "tokenizer", "config": m.cfg, "model": m.state_dict()}, ckpt)
+    args = [f"--{k}={v}" for k, v in bench.TINY_VLM.items()] + [
+        "--n_train=4", f"--out_dir={tmp_path / 'sft'}", f"--tokenizer_ckpt={ckpt}", "--steps=3", "--eval_n=0",
+        "--log_every=1", "--device=cpu"]
+    r = bench.run_sft_py(args, 3, 1)
+    assert r["tok_s"] > 0 and r["ms"] > 0 and len(r["losses"]) == 3
+
+
 def test_gpu_check_dry_run():
     out = bench.gpu_check(dict(bench.DEFAULTS, dry_run=True), torch.device("cpu"))["gpu_check"]
     assert out["dry_run"]
