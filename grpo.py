@@ -307,15 +307,14 @@ def score(rows, prompts, cfg, decode=None, gt_union=None):
         for k, r in enumerate(rows):
             by_img.setdefault(prompts[r["prompt"]]["img"], []).append(k)
         for img, ks in by_img.items():
-            flat = [c for k in ks for c in codes[k]]
-            masks = decode(img, np.array(flat).reshape(-1, 2)) if flat else None
-            pos = 0
+            # each distinct mask once: the G rollouts of a prompt often repeat a mask
+            distinct = list(dict.fromkeys(c for k in ks for c in codes[k]))
+            masks = dict(zip(distinct, decode(img, np.array(distinct).reshape(-1, 2)))) if distinct else {}
             gts = {}
             for k in ks:
                 j = rows[k]["prompt"]
                 gt = gts[j] = gts[j] if j in gts else gt_union(prompts[j])
-                pred = masks[pos:pos + len(codes[k])].any(0) if codes[k] else np.zeros_like(gt)
-                pos += len(codes[k])
+                pred = np.any([masks[c] for c in codes[k]], 0) if codes[k] else np.zeros_like(gt)
                 R[k] = reward_iou(pred, gt)
     for k, r in enumerate(rows):
         p = prompts[r["prompt"]]
@@ -549,6 +548,7 @@ def main():
         die(e)
     rank, world, device = init_distributed(cfg["device"])
     master, cuda = rank == 0, device.type == "cuda"
+    tok = tok.to(device)       # Stage 1 decodes on the same device (iou reward, evaluation)
     torch.manual_seed(cfg["seed"])
     if master:
         print("config:", cfg)
@@ -629,7 +629,7 @@ def main():
     for _ in range(step):
         next(stream)
     steps, mu = cfg["steps"], cfg["num_iterations"]
-    t0, run_steps, window, train_seconds = time.time(), 0, [], 0.0
+    run_steps, window = 0, []
     gen = torch.Generator(device=device)
     while step < steps:
         t_step = time.time()
@@ -663,13 +663,13 @@ def main():
             r["adv"] = a
         kept = [r for g in range(len(R)) if not equal[g] for r in rows[g * G:(g + 1) * G]]
         lr = lambda it: lr_at(step * mu + it, steps * mu, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"])
-        t_upd = time.time()
-        stats = update(net, opt, kept, prompts, images, processor, cfg, rank, world, ref, lr) if kept \
-            else torch.zeros(4)
+        lr_now, t_upd = lr(0), time.time()
+        with amp:
+            stats = update(net, opt, kept, prompts, images, processor, cfg, rank, world, ref, lr) if kept \
+                else torch.zeros(4)
         t_upd = time.time() - t_upd
         step += 1
         run_steps += 1
-        train_seconds += time.time() - t_step
         tokens = max(float(stats[3]), 1.0)
         rec = dict(step=step, reward=float(R.mean()), reward_std=float(R.std(1).mean()),
                    frac_reward_zero_std=float(equal.float().mean()), kl=float(stats[0]) / tokens if ref is not None else None,
@@ -686,7 +686,7 @@ def main():
             kl = f"{np.mean([x['kl'] for x in window]):.4f}" if ref is not None else "-"
             print(f"step {step:4d}/{steps} | reward {w['reward']:.3f} std {w['reward_std']:.3f} "
                   f"| zero-std {w['frac_reward_zero_std']:.2f} | kl {kl} | clip lo {w['clip_low']:.3f} "
-                  f"hi {w['clip_high']:.3f} | len {w['length']:.1f} trunc {w['truncated']:.2f} | lr {lr(0):.1e} "
+                  f"hi {w['clip_high']:.3f} | len {w['length']:.1f} trunc {w['truncated']:.2f} | lr {lr_now:.1e} "
                   f"| {1000 * secs / len(window):.0f} ms/step ({100 * sum(x['gen_seconds'] for x in window) / secs:.0f}% "
                   f"sampling) | {sum(x['completions'] for x in window) / secs:.0f} completions/s")
             window = []

@@ -86,6 +86,35 @@ def test_reward_iou_and_format():
     assert f("a red circle<|mt_0003|>.", "gcg", True) == 0.0
 
 
+def test_score_decodes_each_distinct_mask_once_per_image():
+    """score() with the iou reward: a fake decoder paints code c1 as row c1 of an 8 x 8 image; masks
+    of one image are decoded in one call, each distinct mask once; format reward added on top."""
+    calls = []
+
+    def decode(img, codes):
+        calls.append((img, [tuple(c) for c in codes]))
+        out = np.zeros((len(codes), 8, 8), bool)
+        for k, (c1, _) in enumerate(codes):
+            out[k, c1] = True
+        return out
+
+    gt = {0: np.zeros((8, 8), bool), 1: np.zeros((8, 8), bool)}
+    gt[0][3] = gt[0][5] = True                               # prompt 0: rows 3 and 5; prompt 1: no target
+    prompts = [dict(img=0, task="refer", answer=W(3, 7) + W(5, 9)), dict(img=0, task="refer", answer=NT),
+               dict(img=1, task="refer", answer=W(3, 7))]
+    gt[2] = np.zeros((8, 8), bool)
+    gt[2][3] = True
+    rows = [dict(prompt=0, text=W(3, 7), finished=True), dict(prompt=0, text=W(3, 7) + W(5, 1), finished=False),
+            dict(prompt=1, text=NT, finished=True), dict(prompt=1, text=W(5, 1), finished=True),
+            dict(prompt=2, text="garbage", finished=True)]
+    cfg = dict(grpo.DEFAULTS, reward="iou", format_weight=0.5)
+    R = grpo.score(rows, prompts, cfg, decode, lambda p: gt[prompts.index(p)])
+    assert R == pytest.approx([0.5 + 0.5, 1.0 + 0.0, 1.0 + 0.5, 0.0 + 0.5, 0.0 + 0.0])
+    assert sorted(calls) == [(0, [(3, 7), (5, 1)])]           # image 0 once, (3, 7) once; image 1: nothing to decode
+    assert grpo.score(rows, prompts, dict(cfg, reward="match", format_weight=0.0)) == \
+        pytest.approx([0.5, 0.5, 1.0, 0.0, 0.0])
+
+
 def test_advantages_both_scales():
     R = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 0.0, 1.0]])
     A_g, eq = grpo.advantages(R, "group")
