@@ -59,7 +59,7 @@ DEFAULTS = dict(
     mlp_dim=1024,               # MLP width of the two-way transformers
     levels=2, codebook_size=256,
     # data
-    data="shapes",              # "shapes" (synthetic world) or a folder in the data/jsonl format
+    data="shapes",              # data.open_dataset spec: shapes | FOLDER (jsonl) | coco:JSON:IMAGES | sa1b:FOLDER | ...
     n_train=4000, n_val=100, n_test=500,   # scenes (shapes) / samples (folder)
     cache_features=True,        # frozen image encoder: compute its features once, reuse them
     # SAM2 pretraining with box prompts (only without --sam2_ckpt)
@@ -414,7 +414,7 @@ def load_checked(model, sd, path, parts):
            if k in sd and sd[k].shape != ours[k].shape]
     extra = [k for k in sd if parts is None and k not in ours]
     if missing or bad or extra:
-        size = hiera_size(sd)
+        size = hiera_size(sd) if parts else None           # a SAM2 file: say which options would fit it
         hint = (f" The file holds SAM2.1 Hiera-{size}: --sam2_config=configs/sam2.1/sam2.1_hiera_{size}.yaml "
                 f"--sam2_overrides= --d_model=256 --mlp_dim=2048" + (" (= --preset=paper)" if size == "l" else "")) if size else ""
         what = [f"{len(x)} {name} (first: {', '.join(x[:2])})" for x, name in
