@@ -65,7 +65,7 @@ DEFAULTS = dict(
     bins=256,                   # coordinate bins of the box and polygon tokens
     # sft: sft.py (its own process) against TRL's SFTTrainer (this process)
     sft_steps=30, sft_warmup=3,  # steps timed after sft_warmup untimed ones, on both sides
-    sft_repeats=2,              # runs a side, alternating (ABBA): the median counts
+    sft_repeats=3,              # runs a side, alternating (ABBA...): the median counts
     sft_args="--n_train=200",   # extra sft.py options, the same for both sides
     sft_out="out/bench/sft",
     # grpo: grpo.py (its own process, from the Stage-2 model in out/sft) against TRL's GRPOTrainer
