@@ -488,23 +488,6 @@ def bench_encodings(cfg, device):
 STEP_LINE = re.compile(r"step\s+(\d+)/\d+ \| loss ([\d.]+) .*?\| (\d+) ms/step \| (\d+) tok/s")
 
 
-def sft_setup(cfg):
-    """The tiny VLM, its processor and the training conversations exactly as sft.main() makes
-    them: the same calls in the same order after the same seed, so the random initial weights
-    are the same as in the sft.py process (the step-1 losses of both sides check it)."""
-    import sft
-    from tokenizer import load_tokenizer
-    torch.manual_seed(cfg["seed"])
-    tok = load_tokenizer(cfg["tokenizer_ckpt"])
-    tasks = cfg["tasks"].split(",")
-    images, samples, scenes, _ = sft.load_world("train", cfg["n_train"], tok, cfg, tasks)
-    processor = sft.build_processor(cfg, sft.text_corpus([s for _, s in scenes[:500]]))
-    model = sft.build_model(cfg, processor)
-    sft.add_mask_tokens(model, processor)
-    samples, _ = sft.tokenize(sft.conversations(samples, cfg["turns"], cfg["seed"]), images, processor, cfg["max_len"])
-    return model, processor, images, samples
-
-
 def sft_stream(cfg, samples, n_steps):
     """The micro-batches of sft.py's first n_steps steps, in its order (one process)."""
     import sft
@@ -674,6 +657,7 @@ def bench_sft(cfg, device):
     args = [a for a in cfg["sft_args"].split() if a] + [
         f"--out_dir={cfg['sft_out']}", f"--tokenizer_ckpt={cfg['tokenizer_ckpt']}", f"--steps={N}", "--eval_n=0",
         "--log_every=1", f"--ckpt_every={10 ** 9}", f"--device={device.type}", f"--seed={cfg['seed']}"]
+    from tokenizer import load_tokenizer
     scfg = configure(sft.DEFAULTS, sft.PRESETS, args)
     ours, trl = [], []
     # runs alternate ours, TRL, TRL, ours, ... so a change of the machine's load hits both alike
@@ -682,7 +666,10 @@ def bench_sft(cfg, device):
             if side == "ours":
                 ours.append(run_sft_py(args, N, w))
                 continue
-            model, processor, images, samples = sft_setup(scfg)       # TRL: this process, same everything
+            # TRL: this process, the same weights on the same conversations as the sft.py process
+            torch.manual_seed(scfg["seed"])
+            model, processor, images, samples, *_ = sft.setup(scfg, load_tokenizer(scfg["tokenizer_ckpt"]),
+                                                              scfg["tasks"].split(","), "")
             res = run_trl_sft(scfg, model.to(device), processor, images, samples, N, device)
             tokens = [sum(len(samples[j]["ids"]) for mb in step for j in mb) for step in sft_stream(scfg, samples, N)]
             t = sum(res["step_seconds"][w:])

@@ -37,6 +37,8 @@ import os
 import random
 import shutil
 import time
+import zlib
+from collections import Counter
 
 import numpy as np
 import torch
@@ -63,7 +65,9 @@ DEFAULTS = dict(
     image_size=128,             # images resized to image_size^2 px: (128/16)^2 / 2^2 = 16 visual tokens
     # Stage 1
     tokenizer_ckpt="out/tokenizer/ckpt.pt",
-    # data: the synthetic shapes world (data.shapes), SPLITS train / test
+    # data: the synthetic shapes world by default, or any data.open_dataset spec (a jsonl folder,
+    # coco:..., refcoco:..., grefcoco:..., sa1b:...; comma-joined for a mixture)
+    data="shapes",
     n_train=2000,               # scenes; every scene gives ~13 samples over the tasks
     tasks="refer,caption,gcg",
     turns=16,                   # turns (samples of one image) per training conversation; 1 = single-turn
@@ -234,7 +238,7 @@ def add_mask_tokens(model, processor):
             # New ids may land inside the old padding: those rows are overwritten here as well.
             real = W[:old_len].float()
             mean, std = real.mean(0), real.std(0)
-            W[new] = (mean + 0.02 * torch.randn(len(new), W.shape[1]) * std).to(W.dtype)
+            W[new] = (mean + 0.02 * torch.randn(len(new), W.shape[1], device=W.device) * std).to(W.dtype)
     # Each word must be exactly one id both ways, or the model could never say a mask in 4 tokens.
     for w, i in zip(words, ids):
         if tok.encode(w, add_special_tokens=False) != [i] or tok.decode([i]) != w:
@@ -288,7 +292,7 @@ def scene_samples(seed, scene, codes, tasks):
         for i, caption in enumerate(scene["captions"]):
             out.append(dict(task="caption", seed=seed, obj=scene["objects"][i], answer=caption,
                             prompt=rng.choice(CAPTION_PROMPTS).format(codes_to_text(codes[i]))))
-    if "gcg" in tasks:
+    if "gcg" in tasks and scene["grounded"]["text"]:     # COCO / SA-1B scenes have no grounded text
         # grounded conversation: each grounded phrase wrapped in object_ref tokens, then its mask words
         g, parts, last = scene["grounded"], [], 0
         for a, b, i in g["spans"]:
@@ -320,7 +324,7 @@ def scene_codes(tok, cfg, split, scenes):
     """The tokenizer's codes of every mask of (seed, scene) pairs, encoded once and cached on
     disk under a key made of the tokenizer checkpoint's content hash and the seeds."""
     seeds = [seed for seed, _ in scenes]
-    key = hashlib.sha1(f"{file_hash(cfg['tokenizer_ckpt'])}|{split}|{seeds[:1]}|{seeds[-1:]}|{len(seeds)}".encode())
+    key = hashlib.sha1(f"{file_hash(cfg['tokenizer_ckpt'])}|{cfg.get('data', 'shapes')}|{split}|{seeds}".encode())
     path = os.path.join(cfg["out_dir"], f"codes_{key.hexdigest()[:12]}.pt")
     if os.path.exists(path):
         return torch.load(path)
@@ -443,18 +447,32 @@ def collate(samples, images, processor, left_pad=False):
 
 
 def load_world(split, n, tok, cfg, tasks):
-    """n scenes of a split -> (images (n, H, W, 3) uint8, samples, scenes), samples with their
-    image index. The masks are only kept for the test split (the evaluation decodes against them)."""
-    from data import iter_scenes
-    scenes = list(iter_scenes(split, n))
+    """The first n scenes of a split of cfg["data"] (data.open_dataset: the shapes world by default)
+    -> (images (n, S, S, 3) uint8 at the VLM's input size, samples with their image index, scenes
+    as (seed, scene), codes). The masks are only kept for the test split (the evaluation decodes
+    against them at each image's own size)."""
+    from itertools import islice
+    from data import open_dataset
+    from tokenizer import resize_image
+    skipped = Counter()
+    scenes = [(scene_seed(s["id"]), s) for s in islice(open_dataset(cfg.get("data", "shapes"), skipped, split=split), n)]
+    if not scenes:
+        raise UserError(f"--data={cfg.get('data', 'shapes')}: no usable scene in the {split} split")
     codes = scene_codes(tok, cfg, split, scenes)
     samples = []
     for k, ((seed, s), c) in enumerate(zip(scenes, codes)):
         samples += [dict(x, img=k) for x in scene_samples(seed, s, c.long().numpy(), tasks)]
-    images = np.stack([s["image"] for _, s in scenes])
+    # every image is shown to the VLM at image_size^2 (the processor would resize it anyway)
+    images = np.stack([resize_image(s["image"], cfg["image_size"]) for _, s in scenes])
     if split == "train":
         scenes = [(seed, {k: v for k, v in s.items() if k != "masks"}) for seed, s in scenes]
     return images, samples, scenes, codes
+
+
+def scene_seed(scene_id):
+    """A scene's integer seed (prompt paraphrases are drawn from it): the shapes world's own seed,
+    or a stable hash of a file name."""
+    return scene_id if isinstance(scene_id, int) else zlib.crc32(str(scene_id).encode())
 
 # ----------------------------------------------------------------------------- training
 
@@ -466,7 +484,10 @@ def token_loss(model, batch, labels, word_ids):
     learnable quantity of this stage, the VLM reading the tokenizer's codes off image + phrase."""
     logits = model(**batch, use_cache=False).logits[:, :-1]     # (B, L-1, V)
     target = labels[:, 1:]                                     # (B, L-1), -100 = no loss
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+    # only the labelled positions go to fp32: the whole (B, L, V) in fp32 would be ~12 GB at 7B
+    keep = target != -100
+    logits, target = logits[keep].float(), target[keep]
+    loss = F.cross_entropy(logits, target, reduction="sum")
     with torch.no_grad():
         is_word = torch.isin(target, word_ids)
         hits = (logits.argmax(-1) == target)[is_word].sum()
@@ -499,6 +520,42 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def resume_dir(model_dir):
+    """The checkpoint to resume from: model_dir, or model_dir.old, which exists alone only after a
+    crash between the two renames of a save. Returns (folder, its train_state.pt)."""
+    src = model_dir if os.path.exists(model_dir) else model_dir + ".old"
+    if not os.path.exists(os.path.join(src, "train_state.pt")):
+        raise UserError(f"--resume: no checkpoint in {model_dir}")
+    return src, torch.load(os.path.join(src, "train_state.pt"), map_location="cpu", weights_only=False)
+
+
+def setup(cfg, tok, tasks, model_dir):
+    """Everything training starts from, in a fixed order after the seed (bench.py calls it too, so
+    its peer trains the very same weights on the very same conversations): the train split's
+    samples with their mask words, the VLM and its processor (resumed from model_dir, a released
+    base model, or built from the config), the vocabulary surgery, and the tokenized
+    conversations. Returns model, processor, images, conversations, the 512 code words' ids,
+    the resumed train state (or None), how many conversations max_len dropped, the scene count."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if not rank0:
+        dist.barrier()          # rank 0 encodes the masks and caches the codes, then the others read them
+    images, samples, scenes, _ = load_world("train", cfg["n_train"], tok, cfg, tasks)
+    if rank0 and dist.is_initialized():
+        dist.barrier()
+    state = None
+    if cfg["resume"]:
+        src, state = resume_dir(model_dir)
+        model, processor = load_pretrained(src, cfg)
+    elif cfg["base_model"]:
+        model, processor = load_pretrained(cfg["base_model"], cfg)
+    else:
+        processor = build_processor(cfg, text_corpus([s for _, s in scenes[:500]]))
+        model = build_model(cfg, processor)
+    word_ids = torch.tensor(add_mask_tokens(model, processor)[1:-1])       # the 512 code words
+    convs, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"]), images, processor, cfg["max_len"])
+    return model, processor, images, convs, word_ids, state, dropped, len(scenes)
+
+
 def main():
     try:
         cfg = configure(DEFAULTS, PRESETS)
@@ -522,38 +579,18 @@ def main():
         tok = load_tokenizer(cfg["tokenizer_ckpt"])
     except UserError as e:
         die(f"{e} (or pass --tokenizer_ckpt=PATH)")
-    if world > 1 and not master:
-        dist.barrier()          # rank 0 encodes the masks and caches the codes, then the others read them
-    images, samples, scenes, _ = load_world("train", cfg["n_train"], tok, cfg, tasks)
-    if world > 1 and master:
-        dist.barrier()
-
-    # ---- the VLM and its processor, then the vocabulary surgery
-    step, state = 0, None
+    # ---- the conversations with their mask words, the VLM and its vocabulary surgery
     try:
-        if cfg["resume"]:
-            # model_dir.old exists alone only after a crash between the two renames of a save
-            src = model_dir if os.path.exists(model_dir) else model_dir + ".old"
-            if not os.path.exists(os.path.join(src, "train_state.pt")):
-                raise UserError(f"--resume: no checkpoint in {model_dir}")
-            model, processor = load_pretrained(src, cfg)
-            state = torch.load(os.path.join(src, "train_state.pt"), map_location="cpu", weights_only=False)
-            step = state["step"]
-        elif cfg["base_model"]:
-            model, processor = load_pretrained(cfg["base_model"], cfg)
-        else:
-            processor = build_processor(cfg, text_corpus([s for _, s in scenes[:500]]))
-            model = build_model(cfg, processor)
+        model, processor, images, samples, word_ids, state, dropped, n_scenes = setup(cfg, tok, tasks, model_dir)
     except UserError as e:
         die(e)
-    word_ids = torch.tensor(add_mask_tokens(model, processor)[1:-1], device=device)   # the 512 code words
+    step = state["step"] if state else 0
+    word_ids = word_ids.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-
-    samples, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"]), images, processor, cfg["max_len"])
     if master:
         count = {t: sum(x["task"] == t for s in samples for x in s["turns"]) for t in tasks}
         print(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}"
-              f" | data: {len(scenes)} train scenes -> {len(samples)} conversations of {count}, "
+              f" | data: {n_scenes} train scenes -> {len(samples)} conversations of {count}, "
               f"{dropped} dropped as longer than max_len={cfg['max_len']}")
         if step:
             print(f"resuming from step {step}")
@@ -565,7 +602,7 @@ def main():
     for name, p in vision_tower(model).named_parameters():
         p.requires_grad = not cfg["freeze_vision"] or "merger" in name   # merger = the projector
     if cfg["grad_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.to(device)
     if cfg["fsdp"] and world > 1:
@@ -622,11 +659,11 @@ def main():
             pad_tokens += int((batch["attention_mask"] == 0).sum())
             all_tokens += batch["attention_mask"].numel()
             tokens_window += int(batch["attention_mask"].sum())
-            last = micro == len(mine) - 1       # gradients are synchronised on the last micro-batch only
+            # DDP all-reduces gradients on the last micro-batch only. FSDP2 reduce-scatters every
+            # micro-batch: skipping it would keep full unsharded fp32 gradient sums on every rank
+            # (31 GB at 7B), more than the communication it saves is worth.
             if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-                net.require_backward_grad_sync = last
-            elif hasattr(net, "set_requires_gradient_sync"):
-                net.set_requires_gradient_sync(last)
+                net.require_backward_grad_sync = micro == len(mine) - 1
             with amp:
                 loss, hits = token_loss(net, batch, labels.to(device), word_ids)
             (loss * world / n_tok).backward()
