@@ -124,7 +124,8 @@ class ResidualVQ(nn.Module):
         # straight-through estimator: value of the quantized vector, gradient of the identity
         z_q = z + (cum[-1] - z).detach()
         with torch.no_grad():
-            self.window_counts += F.one_hot(codes, self.K).sum(0).float()  # (L, K)
+            ids = (codes + torch.arange(self.levels, device=codes.device) * self.K).reshape(-1)
+            self.window_counts += torch.bincount(ids, minlength=self.levels * self.K).view(self.levels, self.K)
         if self.training:
             self.ema_update(codes, residuals)
         return z_q, codes, self.commitment_weight * commit
@@ -137,9 +138,13 @@ class ResidualVQ(nn.Module):
         e_k  = m_k / N~_k,  N~_k = (N_k + eps) / (n + K eps) * n   (Laplace smoothing keeps
         N~_k > 0, so a code nobody chose does not divide by zero)."""
         L, K = self.levels, self.K
-        onehot = F.one_hot(codes.t(), K).float()                    # (L, B, K)
-        counts = onehot.sum(1)                                       # (L, K)
-        sums = torch.einsum("lbk,lbd->lkd", onehot, residuals)       # (L, K, D)
+        # Scatter-add over ids offset per level (level l's code k is row l*K + k): the same sums
+        # as a one-hot matmul, without building and multiplying a (L, B, K) one-hot (~40% of a
+        # quantizer step at B = 1024 masks). On CUDA the atomics make the last bits vary.
+        ids = (codes + torch.arange(L, device=codes.device) * K).t().reshape(-1)   # (L*B,)
+        counts = torch.bincount(ids, minlength=L * K).float().view(L, K)          # (L, K)
+        sums = residuals.new_zeros(L * K, residuals.shape[-1]).index_add_(0, ids, residuals.reshape(-1, residuals.shape[-1]))
+        sums = sums.view(L, K, -1)                                                 # (L, K, D)
         if _ddp():  # global cluster statistics: one all-reduce carries both
             flat = torch.cat([counts[..., None], sums], -1)
             dist.all_reduce(flat)
