@@ -66,7 +66,7 @@ DEFAULTS = dict(
     # sft: sft.py (its own process) against TRL's SFTTrainer (this process)
     sft_steps=30, sft_warmup=3,  # steps timed after sft_warmup untimed ones, on both sides
     sft_repeats=3,              # runs a side, alternating (ABBA...): the median counts
-    sft_args="--n_train=200",   # extra sft.py options, the same for both sides
+    sft_args="--n_train=200 --vision_pretrain_steps=0",   # extra sft.py options, the same for both sides (the whole model trains)
     sft_out="out/bench/sft",
     # grpo: grpo.py (its own process, from the Stage-2 model in out/sft) against TRL's GRPOTrainer
     grpo_steps=6, grpo_warmup=1, grpo_args="--n_train=100", grpo_out="out/bench/grpo",
@@ -823,7 +823,7 @@ QWEN25_VL_3B = dict(hidden_size=2048, n_layers=36, n_heads=16, n_kv_heads=2, int
                     vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420, patch_size=14,
                     tie_embeddings=True, vocab_pad=151_936)
 TINY_VLM = dict(hidden_size=64, n_layers=2, n_heads=2, n_kv_heads=1, intermediate_size=128, vision_hidden=32,
-                vision_depth=1, vision_heads=2, vision_intermediate=64, bpe_vocab=600)
+                vision_depth=1, vision_heads=2, vision_intermediate=64, bpe_vocab=600, vision_pretrain_steps=0)
 DRY_RUN = dict(gpu_steps=2, gpu_warmup=1, gpu_tok_images=2, gpu_tok_masks=2, gpu_sft_batch=2, gpu_sft_image=64,
                gpu_gen_prompts=2, gpu_gen_group=2, gpu_gen_tokens=4)
 

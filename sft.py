@@ -68,14 +68,18 @@ DEFAULTS = dict(
     # data: the synthetic shapes world by default, or any data.open_dataset spec (a jsonl folder,
     # coco:..., refcoco:..., grefcoco:..., sa1b:...; comma-joined for a mixture)
     data="shapes",
-    n_train=2000,               # scenes; every scene gives ~13 samples over the tasks
+    n_train=3000,               # scenes; every scene gives ~13 samples over the tasks
     tasks="refer,caption,gcg",
     turns=16,                   # turns (samples of one image) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
-    steps=3000, batch_size=4, grad_accum=1,    # conversations per micro-batch per process
+    steps=4500, batch_size=4, grad_accum=1,    # conversations per micro-batch per process
     lr=2e-3, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.01, beta2=0.95, grad_clip=1.0,
     freeze_vision=False,        # paper: vision tower frozen, projector (merger) + LLM trained
+    # config-built model only: a short dense pretraining of the random vision tower (see
+    # pretrain_vision), after which the tower, merger included, stays frozen during SFT
+    vision_pretrain_steps=300, vision_pretrain_batch=32, vision_pretrain_lr=2e-3,
+    word_init="codebook",       # new mask-word rows: "mean" (the paper's rule) | "codebook" (config-built model)
     fsdp=False,                 # FSDP2 (fully_shard) instead of DDP
     grad_checkpointing=False,
     bucket_pool=64,             # length bucketing: sort pools of bucket_pool micro-batches by length
@@ -88,7 +92,7 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "tiny": {},
-    "paper": dict(base_model="Qwen/Qwen2.5-VL-3B-Instruct", image_size=448, freeze_vision=True, fsdp=True,
+    "paper": dict(base_model="Qwen/Qwen2.5-VL-3B-Instruct", image_size=448, freeze_vision=True, fsdp=True, word_init="mean",
                   grad_checkpointing=True, n_train=200_000, steps=20_000, batch_size=4, grad_accum=8,
                   lr=2e-5, min_lr_ratio=0.0, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
                   max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32),
@@ -247,6 +251,81 @@ def add_mask_tokens(model, processor):
     if tok.decode(tok.encode(sample, add_special_tokens=False)) != sample:
         raise RuntimeError("mask words inside text do not round-trip through the tokenizer")
     return ids
+
+
+def init_words_from_codebook(model, word_ids, codebook):
+    """word_init=codebook (config-built model): the rows of the 512 code words, input embeddings
+    and LM head, start as a fixed random projection of the tokenizer's codebook vectors, scaled to
+    the text rows' spread. Codes that paint similar masks then start with similar rows, so what
+    the model learns about one code carries over to its neighbours; the paper's mean + noise rule
+    (for a released model whose rows mean something) makes all 512 start alike."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for W in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            std = W[:int(min(word_ids))].std()
+            for level, cb in enumerate(codebook):                      # (256, D) a level
+                P = torch.randn(cb.shape[-1], W.shape[1], generator=g).to(cb)
+                e = cb @ P
+                W[word_ids[256 * level:256 * (level + 1)]] = ((e - e.mean(0)) / e.std() * std).to(W)
+
+
+def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=print):
+    """A stand-in for the pretraining every released ViT has, for the config-built model only.
+    Measured without it: the random tower's visual tokens collapse to one large constant vector
+    within a few hundred SFT steps (an attention sink) and the model answers the same whatever
+    the image (equal loss with shuffled images). Here the tower learns, in ~30 s, to say for
+    each visual token (a 32 x 32 px cell after the 2 x 2 merger) what lies in each 4 x 4 px
+    sub-cell (colour and shape class, or just object / background outside the shapes world), and
+    to regress the Stage-1 latent e1 + e2 of the object covering most of the token: the geometry
+    the mask words encode. A linear head reads the merger's output; it is thrown away after."""
+    vis = vision_tower(model)
+    ip = processor.image_processor
+    S, m, cell = images.shape[1], ip.patch_size * ip.merge_size, 4
+    g, k = S // m, m // cell
+    attrs = all("color" in o and "shape" in o for _, sc in scenes for o in sc["objects"])
+    from data import COLORS, SHAPES
+    n_col, n_shp = (len(COLORS) + 1, len(SHAPES) + 1) if attrs else (2, 1)
+    cells, latents, has = [], [], []
+    for (_, sc), c in zip(scenes, codes):
+        ms = torch.as_tensor(np.asarray(sc["masks"])).float()[:, None]
+        ms = F.interpolate(ms, size=(S, S), mode="nearest")[:, 0]                     # (N, S, S)
+        cov = ms.view(len(ms), S // cell, cell, S // cell, cell).mean((2, 4))       # (N, S/4, S/4)
+        top = cov.argmax(0)
+        fg = cov.max(0).values > 0.5
+        col = torch.tensor([1 + list(COLORS).index(o["color"]) if attrs else 1 for o in sc["objects"]])[top]
+        shp = torch.tensor([1 + list(SHAPES).index(o["shape"]) if attrs else 0 for o in sc["objects"]])[top]
+        lab = torch.stack([col * fg, shp * fg], -1)                                  # (S/4, S/4, 2)
+        cells.append(lab.view(g, k, g, k, 2).permute(0, 2, 1, 3, 4).reshape(g * g, k * k, 2))
+        tok_cov = ms.view(len(ms), g, m, g, m).mean((2, 4)).flatten(1)              # (N, g*g)
+        z = codebook[0][c[:, 0].long()] + codebook[1][c[:, 1].long()]
+        best = tok_cov.max(0)
+        latents.append(z[best.indices]), has.append(best.values > 0.15)
+    cells, latents, has = torch.cat(cells), torch.cat(latents), torch.cat(has)     # per token
+    latents = latents / latents.pow(2).mean().sqrt()
+    head = torch.nn.Linear(vis.merger.mlp[-1].out_features, k * k * (n_col + n_shp) + latents.shape[1])
+    params = list(vis.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["vision_pretrain_lr"], weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    steps, t0 = cfg["vision_pretrain_steps"], time.time()
+    for step in range(steps):
+        idx = torch.randint(len(images), (cfg["vision_pretrain_batch"],), generator=gen)
+        px = ip(images=list(images[idx.numpy()]), return_tensors="pt")
+        out = head(vis(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output)
+        tok = (idx[:, None] * g * g + torch.arange(g * g)).flatten()
+        logits = out[:, :-latents.shape[1]].reshape(-1, k * k, n_col + n_shp)
+        loss = F.cross_entropy(logits[..., :n_col].flatten(0, 1), cells[tok, :, 0].flatten())
+        if n_shp > 1:
+            loss = loss + F.cross_entropy(logits[..., n_col:].flatten(0, 1), cells[tok, :, 1].flatten())
+        h = has[tok]
+        loss = loss + (out[:, -latents.shape[1]:][h] - latents[tok][h]).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step, steps, cfg["vision_pretrain_lr"], 0.05, 0.1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f} s")
 
 
 def vision_tower(model):
@@ -446,11 +525,11 @@ def collate(samples, images, processor, left_pad=False):
     return batch, labels
 
 
-def load_world(split, n, tok, cfg, tasks):
+def load_world(split, n, tok, cfg, tasks, keep_masks=False):
     """The first n scenes of a split of cfg["data"] (data.open_dataset: the shapes world by default)
     -> (images (n, S, S, 3) uint8 at the VLM's input size, samples with their image index, scenes
     as (seed, scene), codes). The masks are only kept for the test split (the evaluation decodes
-    against them at each image's own size)."""
+    against them at each image's own size) or when asked (vision pretraining)."""
     from itertools import islice
     from data import open_dataset
     from tokenizer import resize_image
@@ -464,7 +543,7 @@ def load_world(split, n, tok, cfg, tasks):
         samples += [dict(x, img=k) for x in scene_samples(seed, s, c.long().numpy(), tasks)]
     # every image is shown to the VLM at image_size^2 (the processor would resize it anyway)
     images = np.stack([resize_image(s["image"], cfg["image_size"]) for _, s in scenes])
-    if split == "train":
+    if split == "train" and not keep_masks:
         scenes = [(seed, {k: v for k, v in s.items() if k != "masks"}) for seed, s in scenes]
     return images, samples, scenes, codes
 
@@ -539,7 +618,9 @@ def setup(cfg, tok, tasks, model_dir):
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not rank0:
         dist.barrier()          # rank 0 encodes the masks and caches the codes, then the others read them
-    images, samples, scenes, _ = load_world("train", cfg["n_train"], tok, cfg, tasks)
+    built = not cfg["resume"] and not cfg["base_model"]
+    images, samples, scenes, codes = load_world("train", cfg["n_train"], tok, cfg, tasks,
+                                                keep_masks=built and cfg["vision_pretrain_steps"] > 0)
     if rank0 and dist.is_initialized():
         dist.barrier()
     state = None
@@ -552,8 +633,16 @@ def setup(cfg, tok, tasks, model_dir):
         processor = build_processor(cfg, text_corpus([s for _, s in scenes[:500]]))
         model = build_model(cfg, processor)
     word_ids = torch.tensor(add_mask_tokens(model, processor)[1:-1])       # the 512 code words
+    if built:
+        # every rank runs the same seeded steps on the same data: identical weights, no broadcast
+        codebook = tok.rvq.codebook.detach().cpu().float()
+        if cfg["word_init"] == "codebook":
+            init_words_from_codebook(model, word_ids, codebook)
+        if cfg["vision_pretrain_steps"]:
+            pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=print if rank0 else lambda *a: None)
+        scenes = None
     convs, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"]), images, processor, cfg["max_len"])
-    return model, processor, images, convs, word_ids, state, dropped, len(scenes)
+    return model, processor, images, convs, word_ids, state, dropped, len(images)
 
 
 def main():
@@ -562,6 +651,8 @@ def main():
         tasks = cfg["tasks"].split(",")
         if not set(tasks) <= {"refer", "caption", "gcg"} or not tasks:
             raise UserError(f"--tasks takes a comma list of refer, caption, gcg; got {cfg['tasks']!r}")
+        if cfg["word_init"] not in ("mean", "codebook"):
+            raise UserError(f"--word_init takes mean or codebook, got {cfg['word_init']!r}")
     except UserError as e:
         die(e)
     rank, world, device = init_distributed(cfg["device"])
@@ -598,9 +689,11 @@ def main():
         die("no training samples left (is max_len too small?)")
 
     # ---- what trains: the paper freezes the vision tower and trains the projector + LLM
-    # (the tiny preset's vision tower is random, so it must learn: freeze_vision is off there)
+    # After pretrain_vision the config-built tower stays frozen, merger included: trained by the
+    # LM's gradient from the start its tokens collapse to a constant (see pretrain_vision).
+    frozen = not cfg["base_model"] and cfg["vision_pretrain_steps"] > 0
     for name, p in vision_tower(model).named_parameters():
-        p.requires_grad = not cfg["freeze_vision"] or "merger" in name   # merger = the projector
+        p.requires_grad = not frozen and (not cfg["freeze_vision"] or "merger" in name)   # merger = the projector
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

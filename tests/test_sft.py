@@ -19,7 +19,8 @@ from data import iter_scenes  # noqa: E402
 
 # A VLM small enough to build in a fraction of a second and step in ~50 ms.
 TINY = ["--hidden_size=64", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--intermediate_size=128",
-        "--vision_hidden=32", "--vision_depth=1", "--vision_heads=2", "--vision_intermediate=64", "--bpe_vocab=600"]
+        "--vision_hidden=32", "--vision_depth=1", "--vision_heads=2", "--vision_intermediate=64", "--bpe_vocab=600",
+        "--vision_pretrain_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +311,37 @@ def finish_bad(p):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "Traceback" not in err, err
     return err
+
+
+# ---------------------------------------------------------------- config-built model: word rows and vision pretraining
+def test_codebook_word_init_keeps_the_codebook_geometry(world):
+    """word_init=codebook: each level's 256 rows are one affine image of its codebook (so codes
+    that are close, masks alike, get rows that are close), at the text rows' spread."""
+    _, _, _, cfg = world
+    model, processor = build(cfg)
+    ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
+    cb = torch.randn(2, 256, 32)
+    sft.init_words_from_codebook(model, ids, cb)
+    W = model.get_input_embeddings().weight.detach()
+    for level in range(2):
+        rows = W[ids[256 * level:256 * (level + 1)]]
+        X = torch.cat([cb[level], torch.ones(256, 1)], 1)                  # rows = X @ A exactly
+        fit = X @ torch.linalg.lstsq(X, rows).solution
+        assert (fit - rows).norm() < 1e-4 * rows.norm()
+        assert not torch.allclose(rows, W[ids[256 * (1 - level):256 * (2 - level)]])   # levels differ
+        assert abs(rows.std() / W[:int(ids.min())].std() - 1) < 0.1     # the text rows' spread
+
+
+def test_vision_pretraining_lowers_its_loss(world, tok_ckpt):
+    """pretrain_vision on six scenes: the dense loss falls, and only the vision tower changes."""
+    images, _, scenes, cfg = world
+    tok = T.load_tokenizer(tok_ckpt)
+    images, _, scenes, codes = sft.load_world("train", 6, tok, cfg, ("refer",), keep_masks=True)
+    model, processor = build(cfg)
+    text_before = model.get_input_embeddings().weight.clone()
+    losses = []
+    log = lambda line: losses.append(float(line.split("loss ")[1].split()[0]))
+    sft.pretrain_vision(model, processor, images, scenes, codes, tok.rvq.codebook.float(),
+                        dict(cfg, vision_pretrain_steps=60, vision_pretrain_batch=6), log=log)
+    assert len(losses) == 1 and losses[0] < 3.0       # starts near ln(9) + ln(7) + 1 ~ 5.1
+    assert torch.equal(model.get_input_embeddings().weight, text_before)
