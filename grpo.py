@@ -21,7 +21,7 @@ Run it (Stage 1 and 2 first: python tokenizer.py && python sft.py):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         grpo.py --preset=paper
 Options are --key=value (see DEFAULTS): --init_from=FOLDER (a Stage-2 output, default out/sft),
---data_dir=FOLDER takes prompts from a data/jsonl.py folder instead of the synthetic world,
+--data=FOLDER (or coco:..., refcoco:..., as in Stage 2) takes the prompts from another dataset,
 --loss_type=grpo|dr_grpo|dapo, --scale_rewards=group|none, --beta=0.04 adds the KL term,
 --num_iterations=2 reuses each batch of rollouts twice, --fsdp=true shards with FSDP2,
 --resume=true continues from out_dir/model.
@@ -52,9 +52,9 @@ DEFAULTS = dict(
     seed=0,
     tokenizer_ckpt="out/tokenizer/ckpt.pt",   # Stage 1: the codes of the answers, and the iou reward's decoder
     image_size=128,             # images are resized to image_size^2 px, as in Stage 2
-    # prompts: the segmentation tasks of the synthetic train split, or a data/jsonl.py folder
-    data_dir="",
-    n_train=500,                # scenes (synthetic world): ~9 referring prompts each
+    # prompts: the segmentation tasks of the train split of any data.open_dataset spec, as in Stage 2
+    data="shapes",              # the synthetic world; or a jsonl folder, coco:..., refcoco:..., grefcoco:...
+    n_train=500,                # scenes (shapes: ~9 referring prompts each)
     tasks="refer",              # refer (single, multi and no-target) and/or gcg (grounded conversation)
     # rollouts
     num_generations=8,          # G: completions sampled per prompt (paper: 16)
@@ -391,54 +391,27 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
 
 
 def load_prompts(cfg, tok):
-    """The segmentation prompts: dicts with task, prompt, answer (the mask words of the targets
-    from the Stage-1 encoder, or "No target."), img, and for the iou reward what gives the
-    ground-truth masks. From the synthetic train split (Stage 2's samples, same templates), or
-    from a data/jsonl.py folder. Returns (images, prompts, gt_union)."""
+    """The segmentation prompts of the train split of cfg["data"] (Stage 2's samples: same
+    templates, same answers - the mask words of the targets from the Stage-1 encoder, or
+    "No target."): dicts with task, prompt, answer, targets, img. Returns (images at the VLM's
+    input size, prompts, scenes as (seed, scene); masks kept only for the iou reward)."""
     tasks = tuple(cfg["tasks"].split(","))
-    if cfg["data_dir"]:
-        from data import read_folder
-        try:
-            scenes = [(k, s) for k, s in enumerate(read_folder(cfg["data_dir"]))]
-        except FileNotFoundError as e:
-            raise UserError(str(e))
-        if not scenes:
-            raise UserError(f"--data_dir={cfg['data_dir']}: no readable image with masks")
-        key = sft.file_hash(os.path.join(cfg["data_dir"], "annotations.jsonl"))[:12]
-        # only what the tasks need: refs for refer, grounded for gcg
-        keep = [(k, s) for k, s in scenes if ("refer" in tasks and s.get("refs")) or ("gcg" in tasks and s.get("grounded"))]
-        codes = sft.scene_codes(tok, cfg, f"folder-{key}", keep) if keep else []
-        images, samples = [], []
-        for j, ((k, s), c) in enumerate(zip(keep, codes)):
-            # a ref needs its text; its kind (single / multi / none) follows from the targets if missing
-            kind = lambda t: "none" if not t else "single" if len(t) == 1 else "multi"
-            refs = [dict(r, kind=r.get("kind") or kind(r["targets"])) for r in s.get("refs", []) if isinstance(r.get("text"), str)]
-            s = dict(s, refs=refs, grounded=s.get("grounded"))
-            got = [x for x in sft.scene_samples(k, s, c.long().numpy(), [t for t in tasks if t != "gcg" or s["grounded"]])]
-            samples += [dict(x, img=j) for x in got]
-            images.append(s["image"])
-        scenes = keep
-        masks_of = lambda img: keep[img][1]["masks"]
-        where = f"--data_dir={cfg['data_dir']} ({len(scenes)} images read)"
-    else:
-        from data import make_scene
-        images, samples, scenes, _ = sft.load_world("train", cfg["n_train"], tok, cfg, tasks)
-        # train scenes come without their masks (memory); the iou reward regenerates a scene's
-        # masks from its seed (~1 ms)
-        masks_of = lambda img: make_scene(scenes[img][0], images.shape[1])["masks"]
-        where = f"the synthetic train split ({cfg['n_train']} scenes)"
+    images, samples, scenes, _ = sft.load_world("train", cfg["n_train"], tok, cfg, tasks,
+                                                keep_masks=cfg["reward"] == "iou")
     prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
+    if not prompts:
+        raise UserError(f"--data={cfg['data']}: no usable prompts for --tasks={cfg['tasks']} in {len(scenes)} train "
+                        f"scenes (refer needs referring expressions, gcg grounded descriptions)")
     for p in prompts:        # gcg: the targets are the objects its grounded phrases point at
         if p["task"] == "gcg":
             p["targets"] = sorted({i for _, _, i in scenes[p["img"]][1]["grounded"]["spans"]})
-    if not prompts:
-        raise UserError(f"{where} has no usable prompts for --tasks={cfg['tasks']}: refer needs 'refs', "
-                        f"gcg needs 'grounded' in the annotations")
+    return images, prompts, scenes
 
-    def gt_union(p):
-        m = masks_of(p["img"])
-        return m[p["targets"]].any(0) if p["targets"] else np.zeros(m.shape[1:], bool)
-    return images, prompts, gt_union
+
+def gt_union(scene, targets):
+    """The union of a prompt's ground-truth masks, at the scene's own size (no target: empty)."""
+    m = scene["masks"]
+    return m[targets].any(0) if targets else np.zeros(m.shape[1:], bool)
 
 
 def tokenize_prompts(prompts, images, processor):
@@ -536,6 +509,7 @@ def check(cfg, world):
 
 
 def main():
+    t_start = time.time()
     from transformers.utils import logging
     logging.disable_progress_bar()      # one line per step, not a bar per weight file
     try:
@@ -560,16 +534,13 @@ def main():
     step, state = 0, None
     try:
         if cfg["resume"]:
-            src = model_dir if os.path.exists(model_dir) else model_dir + ".old"
-            if not os.path.exists(os.path.join(src, "train_state.pt")):
-                raise UserError(f"--resume: no checkpoint in {model_dir}")
-            state = torch.load(os.path.join(src, "train_state.pt"), map_location="cpu", weights_only=False)
+            src, state = sft.resume_dir(model_dir)
             if state["config"].get("stage") != "grpo":
                 raise UserError(f"--resume: {src} is not a GRPO checkpoint")
             step = state["step"]
         if world > 1 and not master:
             dist.barrier()          # rank 0 encodes the answers' masks and caches the codes first
-        images, prompts, gt_union = load_prompts(cfg, tok)
+        images, prompts, scenes = load_prompts(cfg, tok)
         if world > 1 and master:
             dist.barrier()
         model, processor = load_policy(src if state is not None else init, cfg)
@@ -597,7 +568,7 @@ def main():
             with amp:
                 before = sft.evaluate(m0.to(device), p0, tok, cfg, n=cfg["eval_n"])
             write_json(before_path, before)
-        print(f"before: {summary(before)}")
+        print(f"before: {summary(before)}", flush=True)
     if world > 1:
         dist.barrier()
 
@@ -645,7 +616,10 @@ def main():
         model.train()
         rows = [dict(prompt=j, ids=c["ids"], finished=c["finished"], text=completion_text(processor, c["ids"]))
                 for j, c in zip([j for j in mine for _ in range(G)], comps)]
-        for r, x in zip(rows, score(rows, prompts, cfg, lambda img, c: tok.decode(images[img], c), gt_union)):
+        # the iou reward decodes over each scene's own image and compares at its own size
+        decode = lambda img, codes: tok.decode(scenes[img][1]["image"], codes)
+        truth = lambda p: gt_union(scenes[p["img"]][1], p["targets"])
+        for r, x in zip(rows, score(rows, prompts, cfg, decode, truth)):
             r["reward"] = x
         if world > 1:
             gathered = [None] * world
@@ -688,7 +662,7 @@ def main():
                   f"| zero-std {w['frac_reward_zero_std']:.2f} | kl {kl} | clip lo {w['clip_low']:.3f} "
                   f"hi {w['clip_high']:.3f} | len {w['length']:.1f} trunc {w['truncated']:.2f} | lr {lr_now:.1e} "
                   f"| {1000 * secs / len(window):.0f} ms/step ({100 * sum(x['gen_seconds'] for x in window) / secs:.0f}% "
-                  f"sampling) | {sum(x['completions'] for x in window) / secs:.0f} completions/s")
+                  f"sampling) | {sum(x['completions'] for x in window) / secs:.0f} completions/s", flush=True)
             window = []
         if step % cfg["ckpt_every"] == 0 or step == steps:
             sft.save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir, master)
@@ -720,6 +694,7 @@ def main():
         with amp:
             metrics["after"] = sft.evaluate(m.to(device), p, tok, cfg, n=cfg["eval_n"], gallery=os.path.join(out, "gallery.png"))
         print(f"after:  {summary(metrics['after'])}")
+    metrics["wall_seconds"] = time.time() - t_start      # this process, start to end: loading, both evaluations
     write_json(os.path.join(out, "metrics.json"), metrics)
     print(f"reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f} (mean of the first / last {k} steps) "
           f"| {metrics['completions_per_s']:.0f} completions/s | trained in {metrics['train_seconds']:.0f} s "

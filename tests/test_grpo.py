@@ -425,8 +425,8 @@ def test_script_bad_input(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
         (["--batch_size=10"], "not a multiple of --num_generations=4"),
         (["--num_generations=1", "--batch_size=8"], "needs G >= 2"),
         (["--reward=pixels"], "--reward='pixels'"),
-        ([f"--data_dir={empty}"], "no readable image"),
-        ([f"--data_dir={tmp_path / 'missing'}"], "does not exist"),
+        ([f"--data={empty}"], "no usable scene"),
+        ([f"--data={tmp_path / 'missing'}"], "--data="),
         (["--max_new_tokens=1"], "never ends its answer"),         # no answer fits in one token
         (["--resume=true", f"--out_dir={tmp_path / 'fresh'}"], "no checkpoint in"),
     ]
@@ -438,18 +438,19 @@ def test_script_bad_input(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "fresh").exists() or not os.listdir(tmp_path / "fresh")
 
 
-def test_folder_dataset_without_refs_has_no_usable_prompts(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
-    """A data/jsonl.py folder whose images have masks but no referring expressions: no prompts."""
+def test_folder_dataset_without_referring_expressions_has_no_usable_prompts(tok_ckpt, sft_ckpt, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A data/jsonl.py folder whose images have masks but no referring expressions: no prompts, one
+    line. The same folder with its expressions trains."""
     from data import write_folder
-    write_folder(str(tmp_path / "d"), "val", 2)
+    write_folder(str(tmp_path / "d"), "val", 6)
     lines = [json.loads(x) for x in open(tmp_path / "d" / "annotations.jsonl")]
     with open(tmp_path / "d" / "annotations.jsonl", "w") as f:
         for rec in lines:
-            f.write(json.dumps({"image": rec["image"], "masks": rec["masks"]}) + "\n")
-    args = script_args(tok_ckpt, sft_ckpt, tmp_path / "o") + ["--steps=1", "--eval_n=0", f"--data_dir={tmp_path / 'd'}"]
+            f.write(json.dumps(dict(rec, refs=[])) + "\n")
+    args = script_args(tok_ckpt, sft_ckpt, tmp_path / "o") + ["--steps=1", "--eval_n=0", f"--data={tmp_path / 'd'}"]
     code, _, err = run_main(monkeypatch, capsys, args)
-    assert code == 2 and "no usable prompts" in err, err
-    # the same folder with its refs trains
-    write_folder(str(tmp_path / "d"), "val", 2)
+    assert code == 2 and "no usable prompts" in err and len(err.strip().splitlines()) == 1, err
+    write_folder(str(tmp_path / "d"), "val", 6)
     code, out, err = run_main(monkeypatch, capsys, args)
     assert code == 0 and "step    1/1" in out, err
