@@ -17,7 +17,7 @@ so that everything it saves loads with plain transformers (AutoProcessor /
 AutoModelForImageTextToText). The paper preset starts from a released Qwen2.5-VL instead.
 
 Run it (the Stage-1 tokenizer first: python tokenizer.py):
-    python sft.py                                         # CPU, preset tiny, ~9 minutes on 2 cores
+    python sft.py                                         # CPU, preset tiny, ~14 minutes on 2 cores
     python sft.py --device=cuda                           # one GPU
     torchrun --standalone --nproc_per_node=8 sft.py --preset=paper
     # two nodes (run on each, node_rank 0 and 1):
