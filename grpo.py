@@ -22,7 +22,7 @@ Run it (Stage 1 and 2 first: python tokenizer.py && python sft.py):
         grpo.py --preset=paper
 Options are --key=value (see DEFAULTS): --init_from=FOLDER (a Stage-2 output, default out/sft),
 --data=FOLDER (or coco:..., refcoco:..., as in Stage 2) takes the prompts from another dataset,
---loss_type=grpo|dr_grpo|dapo, --scale_rewards=group|none, --beta=0.04 adds the KL term,
+--loss_type=grpo|dr_grpo|dapo, --scale_rewards=group|none, --beta=0 drops the KL term (and the reference),
 --num_iterations=2 reuses each batch of rollouts twice, --fsdp=true shards with FSDP2,
 --resume=true continues from out_dir/model.
 Writes out_dir/model (save_pretrained: model + processor + optimizer state), out_dir/metrics.json
@@ -67,7 +67,7 @@ DEFAULTS = dict(
     scale_rewards="group",      # group: (R - mean) / (std + eps); none: R - mean (Dr. GRPO)
     loss_type="grpo",           # grpo | dr_grpo | dapo: how per-token terms are averaged
     eps_low=0.2, eps_high=0.2,  # the clip range of the ratio: [1 - eps_low, 1 + eps_high] (DAPO: eps_high 0.28)
-    beta=0.0,                   # weight of the k3 KL to the frozen start model (0: no reference model at all)
+    beta=0.2,                   # weight of the k3 KL to the frozen start model (0: no reference model at all)
     num_iterations=1,           # mu: policy updates per batch of rollouts (old log-probs kept from the sampling policy)
     # optimisation
     steps=150,                  # rollout steps
@@ -87,7 +87,7 @@ PRESETS = {
     "tiny": {},
     # paper: 16 rollouts per prompt (GCG); the rest is ours. 16 prompts x 16 = 256 completions a step.
     "paper": dict(image_size=448, tasks="refer,gcg", num_generations=16, max_new_tokens=512, steps=1000,
-                  batch_size=256, micro_batch=8, lr=1e-6, min_lr_ratio=1.0, warmup_frac=0.0, beta2=0.999,
+                  batch_size=256, micro_batch=8, lr=1e-6, beta=0.04, min_lr_ratio=1.0, warmup_frac=0.0, beta2=0.999,
                   freeze_vision=True, fsdp=True, grad_checkpointing=True, log_every=1, ckpt_every=50,
                   eval_n=500, eval_batch=32),
 }
@@ -330,10 +330,9 @@ def score(rows, prompts, cfg, decode=None, gt_union=None):
 
 
 def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref=None, lr=None):
-    """num_iterations optimizer steps on one batch of rollouts. rows: the step's kept completions
-    (groups with all-equal rewards already removed: their advantage is 0, they carry no loss and
-    are not even forwarded), every rank holding the same list, each a dict with prompt, ids
-    (completion token ids) and adv. Rows are cut into micro-batches of micro_batch completions;
+    """num_iterations optimizer steps on one batch of rollouts. rows: the step's completions that
+    carry a loss (main drops the groups of all-equal rewards when beta = 0: their advantage is 0),
+    every rank holding the same list, each a dict with prompt, ids (completion token ids) and adv. Rows are cut into micro-batches of micro_batch completions;
     micro-batch j goes to rank j % world. Every rank runs the same number of forward / backward
     passes (a rank left without a micro-batch runs the first one with weight 0), so DDP's and
     FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
@@ -635,7 +634,11 @@ def main():
         A, equal = advantages(R, cfg["scale_rewards"])
         for r, a in zip(rows, A.flatten().tolist()):
             r["adv"] = a
-        kept = [r for g in range(len(R)) if not equal[g] for r in rows[g * G:(g + 1) * G]]
+        # A group of equal rewards has A = 0: no policy-gradient loss, so without the KL term it is
+        # not even forwarded. With the KL term (beta > 0) it stays: the KL to the start model must
+        # also hold where the reward says nothing (with a weak start, every wrong mask and a wrong
+        # "No target." alike score 0, and only the KL keeps "No target." from spreading there).
+        kept = [r for g in range(len(R)) if not equal[g] or ref is not None for r in rows[g * G:(g + 1) * G]]
         lr = lambda it: lr_at(step * mu + it, steps * mu, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"])
         lr_now, t_upd = lr(0), time.time()
         with amp:

@@ -226,7 +226,7 @@ def test_gradient_is_reinforce_with_the_group_baseline(vlm, loss_type, scale):
     for r, a in zip(rows, A_.flatten().tolist()):
         r["adv"] = a
     cfg = dict(grpo.DEFAULTS, loss_type=loss_type, scale_rewards=scale, micro_batch=2, temperature=T_,
-               max_new_tokens=6, grad_clip=1e9)
+               max_new_tokens=6, grad_clip=1e9, beta=0.0, num_iterations=1)
     m1 = copy.deepcopy(model).train()
     before = {k: v.clone() for k, v in m1.named_parameters()}
     grpo.update(m1, torch.optim.SGD(m1.parameters(), lr=1.0), rows, prompts, images, processor, cfg)
@@ -288,7 +288,7 @@ def test_a_few_grpo_steps_raise_a_trivially_learnable_reward(vlm):
     model, processor, prompts, images = vlm
     model = copy.deepcopy(model)
     words = set(processor.tokenizer.convert_tokens_to_ids(T.mask_tokens()))
-    cfg = dict(grpo.DEFAULTS, max_new_tokens=4, micro_batch=32)
+    cfg = dict(grpo.DEFAULTS, max_new_tokens=4, micro_batch=32, beta=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     g = torch.Generator().manual_seed(0)
     G, means = 8, []
@@ -386,7 +386,7 @@ def test_two_ranks_ddp_fsdp_parity_and_the_script(vlm, tok_ckpt, sft_ckpt, tmp_p
         steps.append([dict(r, adv=a) for r, a, e in zip(rows, adv.flatten().tolist(), equal.repeat_interleave(3)) if not e])
     assert len(steps[0]) == 6
     cfg = dict(grpo.DEFAULTS, loss_type="dapo", beta=0.1, num_iterations=2, micro_batch=2, lr=0.5, eps_high=0.28)
-    script = script_args(tok_ckpt, sft_ckpt, tmp_path / "run") + ["--steps=2", "--eval_n=0", "--fsdp=true"]
+    script = script_args(tok_ckpt, sft_ckpt, tmp_path / "run") + ["--steps=2", "--eval_n=0", "--fsdp=true", "--beta=0"]
     setup = dict(cfg=cfg, prompts=prompts, images=images, steps=steps, script=script)
     torch.save(setup, tmp_path / "setup.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
