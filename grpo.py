@@ -13,7 +13,7 @@ optional k3 KL to the SFT model, and the Dr. GRPO / DAPO variants of the loss ag
 Before and after training the model is scored with Stage 2's evaluation on the test split.
 
 Run it (Stage 1 and 2 first: python tokenizer.py && python sft.py):
-    python grpo.py                                        # CPU, preset tiny, under 10 minutes on 2 cores
+    python grpo.py                                        # CPU, preset tiny, ~3.5 minutes on 2 cores
     python grpo.py --reward=iou                           # compare: match (default) | match_partial | iou
     python grpo.py --device=cuda                          # one GPU
     torchrun --standalone --nproc_per_node=8 grpo.py --preset=paper

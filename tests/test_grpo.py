@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import grpo  # noqa: E402
 import sft  # noqa: E402
 import tokenizer as T  # noqa: E402
-from common import configure  # noqa: E402
 # Stage 2's test fixtures: a tiny random SAMTok checkpoint, 6 train scenes, the tiny VLM builder
 from test_sft import build, tok_ckpt, world  # noqa: E402,F401
 
