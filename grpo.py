@@ -458,23 +458,6 @@ def load_policy(path, cfg):
     return model, processor
 
 
-def parallelize(model, cfg, world, device):
-    """DDP, or FSDP2 with each decoder layer and vision block its own unit (bf16 compute and
-    fp32 reduction on GPU), as in Stage 2."""
-    if cfg["fsdp"] and world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-            else MixedPrecisionPolicy()
-        for block in list(sft.vision_tower(model).blocks) + list(sft.decoder_layers(model)):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        return fully_shard(model, mesh=mesh, mp_policy=mp)
-    if world > 1:
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
-
-
 def check(cfg, world):
     """Options that cannot work, as one line each, before anything is loaded or written."""
     G = cfg["num_generations"]
@@ -582,7 +565,7 @@ def main():
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
-    net = parallelize(model, cfg, world, device)
+    net = sft.parallelize(model, cfg, world, device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, cfg["beta2"]), weight_decay=cfg["weight_decay"])
     if state is not None:

@@ -357,7 +357,7 @@ def scene_samples(seed, scene, codes, tasks):
     centre = (box[:, :2] + box[:, 2:]) / 2
     out = []
     if "refer" in tasks:
-        for ref in scene["refs"]:
+        for ref in scene.get("refs", []):
             # several targets are written in a fixed order, sorted by box centre (x, then y),
             # so the answer is a function of the image, not of annotation order
             targets = sorted(ref["targets"], key=lambda i: (centre[i, 0], centre[i, 1]))
@@ -368,10 +368,10 @@ def scene_samples(seed, scene, codes, tasks):
                             prompt=rng.choice(REFER_PROMPTS).format(ref["text"]), answer=answer))
     if "caption" in tasks:
         # region captioning turns the words around: the mask is in the prompt, the text is the answer
-        for i, caption in enumerate(scene["captions"]):
+        for i, caption in enumerate(scene.get("captions", [])):
             out.append(dict(task="caption", seed=seed, obj=scene["objects"][i], answer=caption,
                             prompt=rng.choice(CAPTION_PROMPTS).format(codes_to_text(codes[i]))))
-    if "gcg" in tasks and scene["grounded"]["text"]:     # COCO / SA-1B scenes have no grounded text
+    if "gcg" in tasks and scene.get("grounded", {}).get("text"):     # COCO / SA-1B scenes have no grounded text
         # grounded conversation: each grounded phrase wrapped in object_ref tokens, then its mask words
         g, parts, last = scene["grounded"], [], 0
         for a, b, i in g["spans"]:
@@ -385,10 +385,11 @@ def text_corpus(scenes):
     """What the config-built BPE learns from: the world's phrases, captions, grounded texts and
     the prompt templates (mask words excluded: they are added to the vocabulary whole)."""
     fixed = ["system\n", "user\n", "assistant\n", NO_TARGET, *GCG_PROMPTS, *[p.format("") for p in CAPTION_PROMPTS]]
-    texts = [p.format(r["text"]) for s in scenes for r in s["refs"] for p in REFER_PROMPTS]
+    texts = [p.format(r["text"]) for s in scenes for r in s.get("refs", []) for p in REFER_PROMPTS]
     # grounded phrases also stand alone (after <|object_ref_start|>, without their leading space)
-    phrases = [s["grounded"]["text"][a:b] for s in scenes for a, b, _ in s["grounded"]["spans"]]
-    return fixed * 50 + texts + phrases + [c for s in scenes for c in s["captions"]] + [s["grounded"]["text"] for s in scenes]
+    grounded = [s.get("grounded", {"text": "", "spans": []}) for s in scenes]
+    phrases = [g["text"][a:b] for g in grounded for a, b, _ in g["spans"]]
+    return fixed * 50 + texts + phrases + [c for s in scenes for c in s.get("captions", [])] + [g["text"] for g in grounded]
 
 
 def file_hash(path):
@@ -645,6 +646,26 @@ def setup(cfg, tok, tasks, model_dir):
     return model, processor, images, convs, word_ids, state, dropped, len(images)
 
 
+def parallelize(model, cfg, world, device):
+    """One process: the model itself. Several: FSDP2 with --fsdp (each decoder layer and vision
+    block its own unit, so only one layer's full weights exist at a time: all-gathered before its
+    forward, freed after; the root unit holds the rest - embeddings, merger, LM head; bf16
+    compute, fp32 gradient reduction on GPU), else DDP (every rank holds the whole model;
+    gradients are averaged in buckets during backward). grpo.py wraps its policy the same way."""
+    if cfg["fsdp"] and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+            else MixedPrecisionPolicy()
+        for block in list(vision_tower(model).blocks) + list(decoder_layers(model)):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        return fully_shard(model, mesh=mesh, mp_policy=mp)
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
 def main():
     try:
         cfg = configure(DEFAULTS, PRESETS)
@@ -698,22 +719,7 @@ def main():
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.to(device)
-    if cfg["fsdp"] and world > 1:
-        # FSDP2: each decoder layer and vision block is its own unit, so only one layer's full
-        # weights exist at a time (all-gathered before its forward, freed after); the root unit
-        # holds the rest (embeddings, merger, LM head). bf16 compute, fp32 gradient reduction.
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-        for block in list(vision_tower(model).blocks) + list(decoder_layers(model)):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        net = fully_shard(model, mesh=mesh, mp_policy=mp)
-    elif world > 1:
-        # DDP: every rank holds the whole model; gradients are averaged in buckets during backward
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    else:
-        net = model
+    net = parallelize(model, cfg, world, device)
     # AdamW as in the paper; no weight decay on norms and biases (1-d), the usual practice
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},

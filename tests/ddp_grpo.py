@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import grpo  # noqa: E402
+import sft  # noqa: E402
 
 
 def train(folder, setup, net_of=lambda m: m, rank=0, world=1):
@@ -41,7 +42,7 @@ def main(folder):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     for name, fsdp in (("ddp", False), ("fsdp", True)):
         cfg = dict(setup["cfg"], fsdp=fsdp)
-        net, stats = train(folder, dict(setup, cfg=cfg), lambda m: grpo.parallelize(m, cfg, world, device), rank, world)
+        net, stats = train(folder, dict(setup, cfg=cfg), lambda m: sft.parallelize(m, cfg, world, device), rank, world)
         sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"weights": sd, "stats": stats}, os.path.join(folder, f"{name}.pt"))
