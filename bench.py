@@ -776,7 +776,7 @@ def bench_grpo(cfg, device):
         "--log_every=1", f"--ckpt_every={10 ** 9}", f"--device={device.type}", f"--seed={cfg['seed']}"]
     gcfg = configure(grpo.DEFAULTS, grpo.PRESETS, args)
     grpo.check(gcfg, 1)
-    if gcfg["reward"] != "match" or gcfg["format_weight"] or gcfg["data_dir"]:
+    if gcfg["reward"] != "match" or gcfg["format_weight"] or gcfg["data"] != "shapes":
         raise UserError("the grpo section compares the paper's reward (--reward=match, no format term) on the synthetic world")
     try:
         grpo.resolve_init(gcfg["init_from"])
