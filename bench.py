@@ -828,6 +828,20 @@ DRY_RUN = dict(gpu_steps=2, gpu_warmup=1, gpu_tok_images=2, gpu_tok_masks=2, gpu
                gpu_gen_prompts=2, gpu_gen_group=2, gpu_gen_tokens=4)
 
 
+def random_code_world(n):
+    """n train scenes with SFT samples whose mask words are random codes: what a speed check
+    needs (the right token counts and shapes) without running the Stage-1 tokenizer."""
+    import sft
+    from data import iter_scenes
+    scenes = list(iter_scenes("train", n))
+    rng = np.random.default_rng(0)
+    samples = []
+    for k, (seed, s) in enumerate(scenes):
+        codes = rng.integers(0, 256, (len(s["masks"]), 2))
+        samples += [dict(x, img=k) for x in sft.scene_samples(seed, s, codes, ("refer", "caption", "gcg"))]
+    return np.stack([s["image"] for _, s in scenes]), samples, scenes
+
+
 def timed_steps(step, n, warmup, device):
     """Runs step() warmup + n times; -> seconds per step over the last n."""
     for _ in range(warmup):
@@ -916,17 +930,10 @@ def gpu_sft(cfg, device, dry):
     bf16 autocast, on the synthetic world's conversations with random mask codes. As the paper
     (and --preset=paper of sft.py): vision tower frozen, projector (merger) and LLM trained."""
     import sft
-    from data import iter_scenes
     over = dict(TINY_VLM if dry else QWEN25_VL_3B, image_size=cfg["gpu_sft_image"], batch_size=cfg["gpu_sft_batch"],
                 freeze_vision=True)
     scfg = configure(sft.DEFAULTS, sft.PRESETS, [f"--{k}={v}" for k, v in over.items()])
-    scenes = list(iter_scenes("train", 16 if dry else 64))
-    rng = np.random.default_rng(0)
-    samples = []
-    for k, (seed, s) in enumerate(scenes):
-        codes = rng.integers(0, 256, (len(s["masks"]), 2))
-        samples += [dict(x, img=k) for x in sft.scene_samples(seed, s, codes, ("refer", "caption", "gcg"))]
-    images = np.stack([s["image"] for _, s in scenes])
+    images, samples, scenes = random_code_world(16 if dry else 64)
     processor = sft.build_processor(scfg, sft.text_corpus([s for _, s in scenes]))
     torch.manual_seed(0)
     t = time.time()

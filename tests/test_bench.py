@@ -122,16 +122,9 @@ def test_trl_collator_sees_sft_tokens():
     loss positions as sft.collate, for multi-turn conversations."""
     pytest.importorskip("trl")
     import sft
-    from data import iter_scenes
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
     cfg = configure(sft.DEFAULTS, sft.PRESETS, [f"--{k}={v}" for k, v in bench.TINY_VLM.items()])
-    scenes = list(iter_scenes("train", 4))
-    rng = np.random.default_rng(0)
-    samples = []
-    for k, (seed, s) in enumerate(scenes):
-        codes = rng.integers(0, 256, (len(s["masks"]), 2))
-        samples += [dict(x, img=k) for x in sft.scene_samples(seed, s, codes, ("refer", "caption", "gcg"))]
-    images = np.stack([s["image"] for _, s in scenes])
+    images, samples, scenes = bench.random_code_world(4)
     processor = sft.build_processor(cfg, sft.text_corpus([s for _, s in scenes]))
     model = sft.build_model(cfg, processor)
     sft.add_mask_tokens(model, processor)
