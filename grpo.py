@@ -654,11 +654,7 @@ def main():
             sft.save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir, master)
             if master:
                 write_json(os.path.join(out, "history.json"), history)
-        if cfg["stop_after"] and run_steps >= cfg["stop_after"] and step < steps:
-            if master:
-                print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
-            if world > 1:
-                dist.destroy_process_group()
+        if sft.stop_early(cfg, run_steps, step, steps, master):
             return
     if world > 1:
         dist.destroy_process_group()

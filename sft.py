@@ -666,6 +666,18 @@ def parallelize(model, cfg, world, device):
     return model
 
 
+def stop_early(cfg, run_steps, step, steps, master):
+    """--stop_after: end this run after so many of its steps (what an interruption leaves: the
+    last checkpoint, which --resume=true continues). True when the caller should return."""
+    if not cfg["stop_after"] or run_steps < cfg["stop_after"] or step >= steps:
+        return False
+    if master:
+        print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return True
+
+
 def main():
     try:
         cfg = configure(DEFAULTS, PRESETS)
@@ -789,11 +801,7 @@ def main():
             loss_window, word_window = [], torch.zeros(2)
         if step % cfg["ckpt_every"] == 0 or step == steps:
             save_checkpoint(net, opt, processor, cfg, step, model_dir, master)
-        if cfg["stop_after"] and run_steps >= cfg["stop_after"] and step < steps:
-            if master:
-                print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
-            if world > 1:
-                dist.destroy_process_group()
+        if stop_early(cfg, run_steps, step, steps, master):
             return
     train_seconds = time.time() - t_start
     counts = torch.tensor([pad_tokens, all_tokens], dtype=torch.float64, device=device)
