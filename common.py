@@ -121,3 +121,15 @@ def overlay(image, masks, alpha=0.55):
     for i, m in enumerate(masks):
         out[m] = (1 - alpha) * out[m] + alpha * PALETTE[i % len(PALETTE)]
     return out.astype(np.uint8)
+
+
+def stop_early(cfg, run_steps, step, steps, master):
+    """--stop_after: end this run after so many of its steps (what an interruption leaves: the
+    last checkpoint, which --resume=true continues). True when the caller should return."""
+    if not cfg["stop_after"] or run_steps < cfg["stop_after"] or step >= steps:
+        return False
+    if master:
+        print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return True

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 import sft
-from common import UserError, configure, die, init_distributed, lr_at, write_json
+from common import UserError, configure, die, init_distributed, lr_at, stop_early, write_json
 from tokenizer import MASK_END, MASK_START, iou, load_tokenizer, mask_tokens, text_to_codes
 
 # ----------------------------------------------------------------------------- config
@@ -654,7 +654,7 @@ def main():
             sft.save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir, master)
             if master:
                 write_json(os.path.join(out, "history.json"), history)
-        if sft.stop_early(cfg, run_steps, step, steps, master):
+        if stop_early(cfg, run_steps, step, steps, master):
             return
     if world > 1:
         dist.destroy_process_group()

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, configure, die, init_distributed, lr_at, overlay, write_json
+from common import UserError, configure, die, init_distributed, lr_at, overlay, stop_early, write_json
 from tokenizer import codes_to_text, iou, load_tokenizer, mask_tokens, text_to_codes
 
 # ----------------------------------------------------------------------------- config
@@ -664,18 +664,6 @@ def parallelize(model, cfg, world, device):
     if world > 1:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
-
-
-def stop_early(cfg, run_steps, step, steps, master):
-    """--stop_after: end this run after so many of its steps (what an interruption leaves: the
-    last checkpoint, which --resume=true continues). True when the caller should return."""
-    if not cfg["stop_after"] or run_steps < cfg["stop_after"] or step >= steps:
-        return False
-    if master:
-        print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return True
 
 
 def main():

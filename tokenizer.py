@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_save, configure, die, init_distributed, lr_at, write_json
+from common import UserError, atomic_save, configure, die, init_distributed, lr_at, stop_early, write_json
 from quantizer import ResidualVQ
 
 # ----------------------------------------------------------------------------- config
@@ -851,9 +851,7 @@ def main():
             print(f"step {step:5d} val | recon mIoU {vi.mean():.4f}" + ("" if mode == "quant" else " (unquantized)"))
         if step % cfg["ckpt_every"] == 0 or step == steps:
             save(step)
-        if cfg["stop_after"] and run_steps >= cfg["stop_after"] and step < steps:
-            if master:
-                print(f"stopping after {run_steps} steps (--stop_after); continue with --resume=true")
+        if stop_early(cfg, run_steps, step, steps, master):
             return
     train_seconds = time.time() - t_start
 
