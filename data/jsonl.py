@@ -91,9 +91,11 @@ def load_rgb(path):
         img.load()                        # decode now: truncated files fail here, not later
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             # 16/32-bit greyscale: PIL's convert("RGB") would clip at 255, so rescale
-            # ourselves (16-bit full range / 257 maps 65535 -> 255)
+            # ourselves (16-bit full range / 257 maps 65535 -> 255). A 16-bit file is always
+            # on the 16-bit scale, even a dark one; 32-bit "I"/"F" images carry no scale, so
+            # those are taken as 16-bit only when a value exceeds 255.
             arr = np.asarray(img, np.float64)
-            if arr.max() > 255:
+            if img.mode.startswith("I;16") or arr.max() > 255:
                 arr = arr / 257
             arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
             return np.repeat(arr[:, :, None], 3, axis=2)

@@ -204,6 +204,15 @@ def test_reader_skips_and_counts(tmp_path):
     assert np.array_equal(got[2]["image"][:, :, 1], np.round(grey16 / 257).astype(np.uint8))
 
 
+def test_dark_16bit_image_stays_dark(tmp_path):
+    """A 16-bit image whose values all lie below 256 is nearly black, not an 8-bit image."""
+    from data.jsonl import load_rgb
+    dark = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 256)
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    assert Image.open(tmp_path / "dark16.png").mode.startswith("I")
+    assert load_rgb(str(tmp_path / "dark16.png")).max() == 1          # 255 / 257 rounds to 1
+
+
 def test_reader_drops_refs_to_dropped_masks(tmp_path):
     write_folder(str(tmp_path), "val", 1)
     rec = json.loads(open(tmp_path / "annotations.jsonl").read())
