@@ -261,12 +261,13 @@ def init_words_from_codebook(model, word_ids, codebook):
     (for a released model whose rows mean something) makes all 512 start alike."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for W in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
-            std = W[:int(min(word_ids))].std()
-            for level, cb in enumerate(codebook):                      # (256, D) a level
-                P = torch.randn(cb.shape[-1], W.shape[1], generator=g).to(cb)
-                e = cb @ P
-                W[word_ids[256 * level:256 * (level + 1)]] = ((e - e.mean(0)) / e.std() * std).to(W)
+        for level, cb in enumerate(codebook):                          # (256, D) a level
+            # one projection a level for both matrices: with an untied LM head, a word's output row
+            # then points where its input row does, so "copy this word's embedding" writes it
+            e = cb @ torch.randn(cb.shape[-1], model.config.text_config.hidden_size, generator=g).to(cb)
+            e = (e - e.mean(0)) / e.std()
+            for W in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+                W[word_ids[256 * level:256 * (level + 1)]] = (e * W[:int(min(word_ids))].std()).to(W)
 
 
 def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=print):
@@ -300,7 +301,7 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
         z = codebook[0][c[:, 0].long()] + codebook[1][c[:, 1].long()]
         best = tok_cov.max(0)
         latents.append(z[best.indices]), has.append(best.values > 0.15)
-    cells, latents, has = torch.cat(cells), torch.cat(latents), torch.cat(has)     # per token
+    cells, latents, has = torch.cat(cells), torch.cat(latents), torch.cat(has)
     latents = latents / latents.pow(2).mean().sqrt()
     head = torch.nn.Linear(vis.merger.mlp[-1].out_features, k * k * (n_col + n_shp) + latents.shape[1])
     params = list(vis.parameters()) + list(head.parameters())
@@ -469,16 +470,18 @@ def tokenize(convs, images, processor, max_len):
 
 
 def conversations(samples, turns, seed):
-    """The samples of each image in random order, cut into conversations of up to `turns` turns.
-    Several turns per image is how LLaVA-style SFT data comes; here it also means the image
-    passes the vision tower once for ~13 answers, and the prompt overhead is paid once."""
-    by_img = {}
+    """The samples of each image and task in random order, cut into conversations of up to
+    `turns` turns (LLaVA-style multi-turn data: the image and the prompt overhead are paid once
+    for several answers). One task a conversation: a region caption's prompt and a grounded
+    description hold the very mask words a later referring answer needs, and a model that
+    learns to copy them from the context learns nothing it can use on a lone question."""
+    groups = {}
     for s in samples:
-        by_img.setdefault(s["img"], []).append(s)
+        groups.setdefault((s["img"], s["task"]), []).append(s)
     rng = random.Random(seed)
     convs = []
-    for img in sorted(by_img):
-        group = by_img[img]
+    for key in sorted(groups):
+        group = groups[key]
         rng.shuffle(group)
         convs += [group[i:i + turns] for i in range(0, len(group), turns)]
     return convs
@@ -504,10 +507,11 @@ def micro_batches(lengths, batch_size, seed, pool):
         epoch += 1
 
 
-def collate(samples, images, processor, left_pad=False):
+def collate(samples, images, processor, left_pad=False, visual=None):
     """Samples -> model inputs and labels. labels = ids on the assistant's tokens, -100 on the
     prompt (system, user, image) and on padding. mm_token_type_ids marks the visual tokens:
-    transformers needs it to give them M-RoPE's 2D (height, width) positions."""
+    transformers needs it to give them M-RoPE's 2D (height, width) positions. visual: the frozen
+    tower's tokens of every image (visual_tokens), passed instead of the pixels."""
     tok = processor.tokenizer
     L = max(len(s["ids"]) for s in samples)
     ids = torch.full((len(samples), L), tok.pad_token_id)
@@ -519,11 +523,34 @@ def collate(samples, images, processor, left_pad=False):
         ids[k, sl] = torch.tensor(s["ids"])
         att[k, sl] = 1
         labels[k, sl] = torch.where(torch.tensor(s["lab"], dtype=torch.bool), ids[k, sl], -100)
+    batch = dict(input_ids=ids, attention_mask=att, mm_token_type_ids=(ids == processor.image_token_id).long())
+    if visual is not None:
+        # transformers' documented way in: mm_encoder_outputs = what get_image_features returns
+        idx = [s["img"] for s in samples]
+        out = dict(pooler_output=(visual["tokens"][idx].flatten(0, 1),))
+        if visual["deep"]:      # Qwen3-VL's DeepStack: early ViT blocks feed the first LLM layers too
+            out["deepstack_features"] = [(d[idx].flatten(0, 1),) for d in visual["deep"]]
+        batch.update(image_grid_thw=visual["grid"].expand(len(samples), 3), mm_encoder_outputs={"image": visual["cls"](**out)})
+        return batch, labels
     # the real Qwen image processor: resize, CLIP mean/std, patchify into (patches, 3*2*p*p) rows
     vis = processor.image_processor(images=[images[s["img"]] for s in samples], return_tensors="pt")
-    batch = dict(input_ids=ids, attention_mask=att, mm_token_type_ids=(ids == processor.image_token_id).long(),
-                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+    batch.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
     return batch, labels
+
+
+@torch.no_grad()
+def visual_tokens(model, processor, images, device, batch=64):
+    """What the frozen vision tower (merger included) says about every training image, computed
+    once: with nothing in it training, its output is a fixed function of the image, and running
+    it again for every sample of a single-turn batch was ~20% of a CPU step."""
+    vis, tokens, deep = vision_tower(model), [], []
+    for i in range(0, len(images), batch):
+        px = processor.image_processor(images=list(images[i:i + batch]), return_tensors="pt").to(device)
+        out = vis(px["pixel_values"].to(vis.dtype), grid_thw=px["image_grid_thw"])
+        n = len(px["image_grid_thw"])
+        tokens.append(out.pooler_output.view(n, -1, out.pooler_output.shape[-1]))
+        deep.append([d.view(n, -1, d.shape[-1]) for d in getattr(out, "deepstack_features", None) or []])
+    return dict(tokens=torch.cat(tokens), deep=[torch.cat(d) for d in zip(*deep)], cls=type(out), grid=px["image_grid_thw"][:1])
 
 
 def load_world(split, n, tok, cfg, tasks, keep_masks=False):
@@ -719,6 +746,9 @@ def main():
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.to(device)
+    # a frozen tower (merger included) is run once over the training images, not every step
+    visual = None if any(p.requires_grad for p in vision_tower(model).parameters()) else \
+        visual_tokens(model, processor, images, device)
     net = parallelize(model, cfg, world, device)
     # AdamW as in the paper; no weight decay on norms and biases (1-d), the usual practice
     params = [p for p in net.parameters() if p.requires_grad]
@@ -753,8 +783,8 @@ def main():
         loss_sum, words = torch.zeros((), device=device), torch.zeros(2, device=device)
         mine = group[rank::world]
         for micro, mb in enumerate(mine):
-            batch, labels = collate([samples[j] for j in mb], images, processor)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch, labels = collate([samples[j] for j in mb], images, processor, visual=visual)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             pad_tokens += int((batch["attention_mask"] == 0).sum())
             all_tokens += batch["attention_mask"].numel()
             tokens_window += int(batch["attention_mask"].sum())

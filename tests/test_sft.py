@@ -116,6 +116,23 @@ def test_qwen3_vl_builds_and_takes_the_words(world):
     assert torch.isfinite(loss) and hits[1] > 0
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_cached_visual_tokens_give_the_pixels_logits(world, model_type):
+    """A frozen tower's tokens, computed once (visual_tokens) and passed as mm_encoder_outputs,
+    give the logits the pixels give; Qwen3-VL's DeepStack features come along."""
+    images, samples = world[0], world[1]
+    model, processor = build(world[3], model_type=model_type)
+    sft.add_mask_tokens(model, processor)
+    visual = sft.visual_tokens(model, processor, images, torch.device("cpu"), batch=4)
+    assert visual["tokens"].shape[0] == len(images) and bool(visual["deep"]) == (model_type == "qwen3_vl")
+    convs = sft.conversations(samples, 1, 0)
+    ss, _ = sft.tokenize([next(c for c in convs if c[0]["img"] == i) for i in (3, 0, 5, 3)], images, processor, 10 ** 9)
+    with torch.no_grad():
+        pixels = model(**sft.collate(ss, images, processor)[0]).logits
+        cached = model(**sft.collate(ss, images, processor, visual=visual)[0]).logits
+    assert torch.allclose(pixels, cached, atol=1e-5)
+
+
 # ---------------------------------------------------------------- data
 def test_labels_cover_exactly_the_assistant_tokens(world):
     """Conversations of 1 and 3 turns: ids identical to what the real processor makes of the
@@ -180,6 +197,17 @@ def test_long_sample_dropped_and_counted_never_cut(world):
         assert len(c["ids"]) <= limit and c["ids"][-1] == end and c["lab"][-1]
         assert sum(i == processor.image_token_id for i in c["ids"]) == 16
         assert sum(i == end and lab for i, lab in zip(c["ids"], c["lab"])) == len(c["turns"])
+
+
+def test_conversations_keep_one_image_and_one_task(world):
+    """Several turns share one image and one task, so no reply can be copied from an earlier turn
+    (a region caption's prompt or a grounded description holds the very words a referring answer
+    needs); every sample lands in exactly one conversation."""
+    samples = world[1]
+    convs = sft.conversations(samples, 4, 0)
+    assert all(len({(t["img"], t["task"]) for t in c}) == 1 and 1 <= len(c) <= 4 for c in convs)
+    assert sorted(id(t) for c in convs for t in c) == sorted(id(s) for s in samples)
+    assert len({c[0]["task"] for c in convs}) == 3
 
 
 def test_length_buckets_pad_little(world):
