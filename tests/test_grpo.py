@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import grpo  # noqa: E402
 import sft  # noqa: E402
 import tokenizer as T  # noqa: E402
-# Stage 2's test fixtures: a tiny random SAMTok checkpoint, 6 train scenes, the tiny VLM builder
-from test_sft import build, tok_ckpt, world  # noqa: E402,F401
+# Stage 2's test fixtures (tok_ckpt, world) come from conftest.py, with the tiny VLM builder
+from conftest import build  # noqa: E402
 
 import ddp_grpo  # noqa: E402
 

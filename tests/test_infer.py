@@ -18,7 +18,7 @@ import infer  # noqa: E402
 import sft  # noqa: E402
 import tokenizer as T  # noqa: E402
 from common import configure, write_json  # noqa: E402
-from test_sft import TINY, build, tok_ckpt  # noqa: E402,F401  (the tiny VLM config and tokenizer fixture)
+from conftest import TINY, build  # noqa: E402  (the tiny VLM config; the tokenizer fixture is in conftest.py)
 
 EXAMPLE = os.path.join(ROOT, "data", "example.jpg")
 SEGMENT = "Please segment the red circle in this image."

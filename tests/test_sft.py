@@ -14,43 +14,7 @@ sys.path.insert(0, ROOT)
 
 import sft  # noqa: E402
 import tokenizer as T  # noqa: E402
-from common import atomic_save, configure  # noqa: E402
-from data import iter_scenes  # noqa: E402
-
-# A VLM small enough to build in a fraction of a second and step in ~50 ms.
-TINY = ["--hidden_size=64", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--intermediate_size=128",
-        "--vision_hidden=32", "--vision_depth=1", "--vision_heads=2", "--vision_intermediate=64", "--bpe_vocab=600",
-        "--vision_pretrain_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def tok_ckpt(tmp_path_factory):
-    """A tiny random SAMTok checkpoint (64 px, 32-d latent): its codes are arbitrary but fixed."""
-    torch.manual_seed(0)
-    cfg = configure(T.DEFAULTS, T.PRESETS, ["--image_size=64", "--d_model=32", "--mlp_dim=64"])
-    m = T.SAMTok(cfg).eval()
-    m.rvq.init_codebooks(torch.randn(512, 32))
-    path = str(tmp_path_factory.mktemp("tok") / "ckpt.pt")
-    atomic_save({"stage": "tokenizer", "config": m.cfg, "model": m.state_dict()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def world(tok_ckpt, tmp_path_factory):
-    """6 train scenes -> images, samples (with codes from the tiny tokenizer), scenes, cfg."""
-    out = str(tmp_path_factory.mktemp("sft"))
-    cfg = configure(sft.DEFAULTS, sft.PRESETS, TINY + [f"--tokenizer_ckpt={tok_ckpt}", f"--out_dir={out}"])
-    tok = T.load_tokenizer(tok_ckpt)
-    images, samples, scenes, _ = sft.load_world("train", 6, tok, cfg, ("refer", "caption", "gcg"))
-    return images, samples, scenes, cfg
-
-
-def build(cfg, **over):
-    cfg = dict(cfg, **over)
-    scenes = [s for _, s in iter_scenes("train", 20)]
-    torch.manual_seed(0)
-    processor = sft.build_processor(cfg, sft.text_corpus(scenes))
-    return sft.build_model(cfg, processor).eval(), processor
+from conftest import build  # noqa: E402  (the fixtures tok_ckpt and world live in conftest.py too)
 
 
 def fake_batch(processor, model, n=3):
