@@ -70,15 +70,15 @@ DEFAULTS = dict(
     data="shapes",
     n_train=3000,               # scenes; every scene gives ~13 samples over the tasks
     tasks="refer,caption,gcg",
-    turns=16,                   # turns (samples of one image) per training conversation; 1 = single-turn
+    turns=1,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
-    steps=4500, batch_size=4, grad_accum=1,    # conversations per micro-batch per process
+    steps=10000, batch_size=16, grad_accum=1,  # conversations per micro-batch per process
     lr=2e-3, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.01, beta2=0.95, grad_clip=1.0,
     freeze_vision=False,        # paper: vision tower frozen, projector (merger) + LLM trained
     # config-built model only: a short dense pretraining of the random vision tower (see
     # pretrain_vision), after which the tower, merger included, stays frozen during SFT
-    vision_pretrain_steps=300, vision_pretrain_batch=32, vision_pretrain_lr=2e-3,
+    vision_pretrain_steps=1000, vision_pretrain_batch=32, vision_pretrain_lr=4e-3,
     word_init="codebook",       # new mask-word rows: "mean" (the paper's rule) | "codebook" (config-built model)
     fsdp=False,                 # FSDP2 (fully_shard) instead of DDP
     grad_checkpointing=False,
@@ -274,11 +274,14 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
     """A stand-in for the pretraining every released ViT has, for the config-built model only.
     Measured without it: the random tower's visual tokens collapse to one large constant vector
     within a few hundred SFT steps (an attention sink) and the model answers the same whatever
-    the image (equal loss with shuffled images). Here the tower learns, in ~30 s, to say for
+    the image (equal loss with shuffled images). Here the tower learns, in ~2 minutes, to say for
     each visual token (a 32 x 32 px cell after the 2 x 2 merger) what lies in each 4 x 4 px
     sub-cell (colour and shape class, or just object / background outside the shapes world), and
     to regress the Stage-1 latent e1 + e2 of the object covering most of the token: the geometry
-    the mask words encode. A linear head reads the merger's output; it is thrown away after."""
+    the mask words encode. A linear head reads the merger's output; it is thrown away after.
+    How long matters (measured on test scenes: the level-1 code nearest to the read-out latent,
+    decoded with the true level-2 code, against the object's mask): 300 steps give IoU 0.54,
+    1,000 steps 0.74 (0.76 at lr 4e-3, the default), 2,000 steps 0.76."""
     vis = vision_tower(model)
     ip = processor.image_processor
     S, m, cell = images.shape[1], ip.patch_size * ip.merge_size, 4
@@ -542,7 +545,7 @@ def collate(samples, images, processor, left_pad=False, visual=None):
 def visual_tokens(model, processor, images, device, batch=64):
     """What the frozen vision tower (merger included) says about every training image, computed
     once: with nothing in it training, its output is a fixed function of the image, and running
-    it again for every sample of a single-turn batch was ~20% of a CPU step."""
+    it again for every sample of a single-turn batch of 16 took a step from 63 to 87 ms on CPU."""
     vis, tokens, deep = vision_tower(model), [], []
     for i in range(0, len(images), batch):
         px = processor.image_processor(images=list(images[i:i + batch]), return_tensors="pt").to(device)
