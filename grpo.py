@@ -563,7 +563,7 @@ def main():
     for name, p in sft.vision_tower(model).named_parameters():
         p.requires_grad = not cfg["freeze_vision"] or "merger" in name
     if cfg["grad_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     net = sft.parallelize(model, cfg, world, device)
     params = [p for p in net.parameters() if p.requires_grad]

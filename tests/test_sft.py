@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 
 import sft  # noqa: E402
 import tokenizer as T  # noqa: E402
-from conftest import build  # noqa: E402  (the fixtures tok_ckpt and world live in conftest.py too)
+from conftest import TINY, build  # noqa: E402  (the fixtures tok_ckpt and world live in conftest.py too)
 
 
 def fake_batch(processor, model, n=3):
@@ -290,6 +290,19 @@ def test_script_ddp_fsdp_resume_eval(world, tok_ckpt, tmp_path):
     saved = AutoProcessor.from_pretrained(os.path.join(o["one"], "model"))
     assert len(saved.tokenizer) == len(processor.tokenizer) + 514
     assert not [f for f in os.listdir(o["one"]) if f.endswith((".tmp", ".old"))]
+
+
+def test_script_config_built_frozen_tower_ddp(tok_ckpt, tmp_path):
+    """The default path: a config-built model whose pretrained tower is frozen, so its visual
+    tokens are computed once and passed as mm_encoder_outputs; one process and DDP on 2
+    processes give the same losses for the same global batch."""
+    common = [*TINY, f"--tokenizer_ckpt={tok_ckpt}", "--n_train=6", "--steps=2", "--batch_size=4", "--log_every=1",
+              "--eval_n=0"]
+    ddp = run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
+    one = finish(run(common + [f"--out_dir={tmp_path / 'one'}", "--grad_accum=2"]))
+    ddp = finish(ddp)
+    assert "vision pretraining 2/2" in one
+    assert len(losses_of(one)) == 2 and np.allclose(losses_of(ddp), losses_of(one), atol=2e-4)
 
 
 def test_script_bad_input(tmp_path):
