@@ -204,6 +204,8 @@ class SAMTok(nn.Module):
     # ---- image side
     def preprocess(self, images):
         """uint8 (B, H, W, 3) -> (B, 3, S, S): plain resize, /255, ImageNet mean/std."""
+        # a read-only array (an image decoded by PIL) is copied: torch will not wrap one
+        images = images if not isinstance(images, np.ndarray) or images.flags.writeable else images.copy()
         x = torch.as_tensor(images, device=self.device).permute(0, 3, 1, 2).float() / 255
         S = self.cfg["image_size"]
         if x.shape[-2:] != (S, S):

@@ -219,7 +219,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(world):
     grads = []
     for ckpt in (False, True):
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.zero_grad()
         sft.token_loss(model, batch, labels, ids)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
