@@ -292,17 +292,20 @@ def test_script_ddp_fsdp_resume_eval(world, tok_ckpt, tmp_path):
     assert not [f for f in os.listdir(o["one"]) if f.endswith((".tmp", ".old"))]
 
 
-def test_script_config_built_frozen_tower_ddp(tok_ckpt, tmp_path):
+def test_script_config_built_frozen_tower_ddp_fsdp(tok_ckpt, tmp_path):
     """The default path: a config-built model whose pretrained tower is frozen, so its visual
-    tokens are computed once and passed as mm_encoder_outputs; one process and DDP on 2
-    processes give the same losses for the same global batch."""
+    tokens are computed once and passed as mm_encoder_outputs (the tower never runs in a step);
+    one process, DDP and FSDP2 on 2 processes give the same losses for the same global batch."""
     common = [*TINY, f"--tokenizer_ckpt={tok_ckpt}", "--n_train=6", "--steps=2", "--batch_size=4", "--log_every=1",
               "--eval_n=0"]
     ddp = run(common + [f"--out_dir={tmp_path / 'ddp'}"], nproc=2)
+    fsdp = run(common + [f"--out_dir={tmp_path / 'fsdp'}", "--fsdp=true"], nproc=2)
     one = finish(run(common + [f"--out_dir={tmp_path / 'one'}", "--grad_accum=2"]))
-    ddp = finish(ddp)
+    ddp, fsdp = finish(ddp), finish(fsdp)
     assert "vision pretraining 2/2" in one
-    assert len(losses_of(one)) == 2 and np.allclose(losses_of(ddp), losses_of(one), atol=2e-4)
+    assert len(losses_of(one)) == 2
+    assert np.allclose(losses_of(ddp), losses_of(one), atol=2e-4)
+    assert np.allclose(losses_of(fsdp), losses_of(one), atol=2e-4)
 
 
 def test_script_bad_input(tmp_path):
