@@ -81,6 +81,25 @@ def test_qwen3_vl_builds_and_takes_the_words(world):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_token_loss_is_the_plain_loss_on_assistant_tokens(world, model_type):
+    """token_loss runs the LM head on the labelled positions only: its summed loss and hits are
+    those of the full logits, shifted by one, on every position whose next token has a label."""
+    images, samples = world[0], world[1]
+    model, processor = build(world[3], model_type=model_type)
+    ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
+    ss, _ = sft.tokenize(sft.conversations(samples, 2, 0)[:4], images, processor, 10 ** 9)
+    batch, labels = sft.collate(ss, images, processor)
+    with torch.no_grad():
+        loss, hits = sft.token_loss(model, batch, labels, ids)
+        full = model(**batch).logits[:, :-1]
+    target = labels[:, 1:]
+    plain = torch.nn.functional.cross_entropy(full.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+    assert torch.allclose(loss, plain, rtol=1e-5)
+    words = torch.isin(target, ids)
+    assert hits[1] == words.sum() > 0 and hits[0] == (full.argmax(-1) == target)[words].sum()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
 def test_cached_visual_tokens_give_the_pixels_logits(world, model_type):
     """A frozen tower's tokens, computed once (visual_tokens) and passed as mm_encoder_outputs,
     give the logits the pixels give; Qwen3-VL's DeepStack features come along."""
