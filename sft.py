@@ -70,6 +70,7 @@ DEFAULTS = dict(
     data="shapes",
     n_train=3000,               # scenes; every scene gives ~13 samples over the tasks
     tasks="refer,caption,gcg",
+    extra_none=0,               # shapes world: this many more no-target phrases per training scene
     turns=1,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
@@ -385,6 +386,26 @@ def scene_samples(seed, scene, codes, tasks):
     return out
 
 
+def absent_refs(seed, scene, n):
+    """n more no-target phrases for a training scene of the shapes world: colour + shape (+ size)
+    combinations that match none of its objects, as data.shapes writes its one a scene."""
+    from data.shapes import COLORS, SHAPES, matches, ref_text
+    objs = scene["objects"]
+    if not objs or not all("color" in o and "shape" in o for o in objs):
+        return []
+    rng, out = random.Random(seed + 1), []
+    for _ in range(100 * n):
+        attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)}
+        if rng.random() < 0.3:
+            attrs = {"size": rng.choice(["small", "medium", "big"]), **attrs}
+        text = ref_text(attrs)
+        if not any(matches(o, attrs) for o in objs) and text not in {r["text"] for r in scene["refs"] + out}:
+            out.append({"text": text, "targets": [], "kind": "none", "attrs": attrs})
+            if len(out) == n:
+                break
+    return out
+
+
 def text_corpus(scenes):
     """What the config-built BPE learns from: the world's phrases, captions, grounded texts and
     the prompt templates (mask words excluded: they are added to the vocabulary whole)."""
@@ -475,9 +496,10 @@ def tokenize(convs, images, processor, max_len):
 def conversations(samples, turns, seed):
     """The samples of each image and task in random order, cut into conversations of up to
     `turns` turns (LLaVA-style multi-turn data: the image and the prompt overhead are paid once
-    for several answers). One task a conversation: a region caption's prompt and a grounded
-    description hold the very mask words a later referring answer needs, and a model that
-    learns to copy them from the context learns nothing it can use on a lone question."""
+    for several answers). No answer may be copied from the context: a conversation holds one
+    task (a region caption's prompt or a grounded description holds the very mask words a later
+    referring answer needs), and its referring turns have disjoint targets (two phrases for one
+    object, "the red circle" then "the circle", would make the second answer a copy)."""
     groups = {}
     for s in samples:
         groups.setdefault((s["img"], s["task"]), []).append(s)
@@ -486,7 +508,15 @@ def conversations(samples, turns, seed):
     for key in sorted(groups):
         group = groups[key]
         rng.shuffle(group)
-        convs += [group[i:i + turns] for i in range(0, len(group), turns)]
+        mine = []                       # [turns, their targets]: each sample joins the first that fits
+        for s in group:
+            t = set(s.get("targets", ()))
+            home = next((c for c in mine if len(c[0]) < turns and not t & c[1]), None)
+            if home is None:
+                mine.append(home := [[], set()])
+            home[0].append(s)
+            home[1] |= t
+        convs += [c for c, _ in mine]
     return convs
 
 
@@ -571,6 +601,8 @@ def load_world(split, n, tok, cfg, tasks, keep_masks=False):
     codes = scene_codes(tok, cfg, split, scenes)
     samples = []
     for k, ((seed, s), c) in enumerate(zip(scenes, codes)):
+        if split == "train" and cfg.get("extra_none", 0) and "refs" in s:
+            s = dict(s, refs=s["refs"] + absent_refs(seed, s, cfg["extra_none"]))
         samples += [dict(x, img=k) for x in scene_samples(seed, s, c.long().numpy(), tasks)]
     # every image is shown to the VLM at image_size^2 (the processor would resize it anyway)
     images = np.stack([resize_image(s["image"], cfg["image_size"]) for _, s in scenes])

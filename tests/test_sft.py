@@ -182,15 +182,33 @@ def test_long_sample_dropped_and_counted_never_cut(world):
         assert sum(i == end and lab for i, lab in zip(c["ids"], c["lab"])) == len(c["turns"])
 
 
+def test_absent_refs_name_nothing_in_the_scene():
+    """The extra no-target phrases of a training scene match none of its objects, repeat no
+    phrase it already has, and come only for scenes with colour and shape attributes."""
+    from data import iter_scenes, matches
+    for seed, scene in iter_scenes("train", 20):
+        extra = sft.absent_refs(seed, scene, 3)
+        assert len(extra) == 3 and all(r["targets"] == [] and r["kind"] == "none" for r in extra)
+        assert not any(matches(o, r["attrs"]) for r in extra for o in scene["objects"])
+        texts = [r["text"] for r in scene["refs"] + extra]
+        assert len(texts) == len(set(texts))
+    coco_like = dict(scene, objects=[{"category": "cat"}])
+    assert sft.absent_refs(seed, coco_like, 3) == []
+
+
 def test_conversations_keep_one_image_and_one_task(world):
     """Several turns share one image and one task, so no reply can be copied from an earlier turn
     (a region caption's prompt or a grounded description holds the very words a referring answer
-    needs); every sample lands in exactly one conversation."""
+    needs) and referring turns have disjoint targets; every sample lands in exactly one conversation."""
     samples = world[1]
     convs = sft.conversations(samples, 4, 0)
     assert all(len({(t["img"], t["task"]) for t in c}) == 1 and 1 <= len(c) <= 4 for c in convs)
     assert sorted(id(t) for c in convs for t in c) == sorted(id(s) for s in samples)
     assert len({c[0]["task"] for c in convs}) == 3
+    for c in convs:                     # no target is answered twice in one conversation
+        targets = [i for t in c for i in t.get("targets", ())]
+        assert len(targets) == len(set(targets))
+    assert any(len(c) > 1 and c[0]["task"] == "refer" for c in convs)
 
 
 def test_length_buckets_pad_little(world):
