@@ -70,11 +70,11 @@ DEFAULTS = dict(
     data="shapes",
     n_train=3000,               # scenes; every scene gives ~13 samples over the tasks
     tasks="refer,caption,gcg",
-    extra_none=0,               # shapes world: this many more no-target phrases per training scene
-    turns=1,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
+    extra_none=2,               # shapes world: this many more no-target phrases per training scene
+    turns=4,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
-    steps=10000, batch_size=16, grad_accum=1,  # conversations per micro-batch per process
+    steps=8000, batch_size=10, grad_accum=1,   # conversations per micro-batch per process
     lr=2e-3, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.01, beta2=0.95, grad_clip=1.0,
     freeze_vision=False,        # paper: vision tower frozen, projector (merger) + LLM trained
     # config-built model only: a short dense pretraining of the random vision tower (see
