@@ -387,22 +387,21 @@ def scene_samples(seed, scene, codes, tasks):
 
 
 def absent_refs(seed, scene, n):
-    """n more no-target phrases for a training scene of the shapes world: colour + shape (+ size)
-    combinations that match none of its objects, as data.shapes writes its one a scene."""
-    from data.shapes import COLORS, SHAPES, matches, ref_text
+    """n more no-target phrases for a training scene of the shapes world, drawn as the world draws
+    its one a scene (data.shapes.absent_attrs), none repeating a phrase the scene already has."""
+    from data.shapes import absent_attrs, ref_text
     objs = scene["objects"]
     if not objs or not all("color" in o and "shape" in o for o in objs):
         return []
-    rng, out = random.Random(seed + 1), []
-    for _ in range(100 * n):
-        attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)}
-        if rng.random() < 0.3:
-            attrs = {"size": rng.choice(["small", "medium", "big"]), **attrs}
-        text = ref_text(attrs)
-        if not any(matches(o, attrs) for o in objs) and text not in {r["text"] for r in scene["refs"] + out}:
-            out.append({"text": text, "targets": [], "kind": "none", "attrs": attrs})
-            if len(out) == n:
-                break
+    rng, out = np.random.default_rng(seed + 1), []
+    seen = {r["text"] for r in scene["refs"]}
+    for _ in range(20 * n):
+        attrs = absent_attrs(rng, objs)
+        if attrs is None or len(out) == n:
+            break
+        if ref_text(attrs) not in seen:
+            seen.add(ref_text(attrs))
+            out.append({"text": ref_text(attrs), "targets": [], "kind": "none", "attrs": attrs})
     return out
 
 

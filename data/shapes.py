@@ -202,14 +202,21 @@ def make_refs(rng, objects):
                      "kind": "multi", "attrs": cands[c][0]})
     # none: a colour+shape (sometimes + size) combination absent from the scene, so a model
     # learns to answer "no such object" instead of always pointing at something
-    for _ in range(100):
+    attrs = absent_attrs(rng, objects)
+    if attrs:
+        refs.append({"text": ref_text(attrs), "targets": [], "kind": "none", "attrs": attrs})
+    return refs
+
+
+def absent_attrs(rng, objects, tries=100):
+    """A colour + shape (30 %: + size) combination that matches none of `objects`, or None."""
+    for _ in range(tries):
         attrs = {"color": str(rng.choice(list(COLORS))), "shape": str(rng.choice(SHAPES))}
         if rng.random() < 0.3:
             attrs = {"size": str(rng.choice(["small", "medium", "big"])), **attrs}
         if not any(matches(o, attrs) for o in objects):
-            refs.append({"text": ref_text(attrs), "targets": [], "kind": "none", "attrs": attrs})
-            break
-    return refs
+            return attrs
+    return None
 
 # ----------------------------------------------------------------------------- scenes
 
