@@ -395,13 +395,12 @@ def absent_refs(seed, scene, n):
         return []
     rng, out = np.random.default_rng(seed + 1), []
     seen = {r["text"] for r in scene["refs"]}
-    for _ in range(20 * n):
-        attrs = absent_attrs(rng, objs)
-        if attrs is None or len(out) == n:
+    for _ in range(20 * n):             # bounded: a scene could in principle leave too few unseen phrases
+        if len(out) == n or (attrs := absent_attrs(rng, objs)) is None:
             break
-        if ref_text(attrs) not in seen:
-            seen.add(ref_text(attrs))
-            out.append({"text": ref_text(attrs), "targets": [], "kind": "none", "attrs": attrs})
+        if (text := ref_text(attrs)) not in seen:
+            seen.add(text)
+            out.append({"text": text, "targets": [], "kind": "none", "attrs": attrs})
     return out
 
 
