@@ -527,21 +527,6 @@ def training_template():
     return sft.CHAT_TEMPLATE.replace(body + "\n", marked)
 
 
-def sft_trainable(model, cfg):
-    """What trains in sft.py: everything, or with freeze_vision the projector (merger) and the LLM."""
-    import sft
-    for name, p in sft.vision_tower(model).named_parameters():
-        p.requires_grad = not cfg["freeze_vision"] or "merger" in name
-
-
-def sft_optimizer(model, cfg):
-    """sft.py's AdamW: no weight decay on 1-d parameters (norms, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=cfg["lr"], betas=(0.9, cfg["beta2"]))
-
-
 def step_clock(device):
     """A Trainer callback that times each optimizer step from the end of the previous one (the
     first from the start of training): wall clock of everything the Trainer does between two
@@ -589,8 +574,8 @@ def run_trl_sft(cfg, model, processor, images, samples, steps, device):
     # sft.py's optimiser and schedule, handed to the Trainer, so that both sides take the same
     # steps: AdamW without decay on 1-d parameters, warmup + cosine from common.lr_at (HF's own
     # warmup starts at lr 0, ours at lr / warmup steps)
-    sft_trainable(model, cfg)
-    opt = sft_optimizer(model, cfg)
+    sft.set_trainable(model, cfg)
+    opt = sft.adamw([p for p in model.parameters() if p.requires_grad], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_at(s, steps, 1.0, cfg["warmup_frac"], cfg["min_lr_ratio"]))
     with warnings.catch_warnings():      # transformers' deprecation notes about TRL's own defaults
@@ -943,10 +928,10 @@ def gpu_sft(cfg, device, dry):
     build_s = time.time() - t
     convs, _ = sft.tokenize(sft.conversations(samples, scfg["turns"], 0), images, processor, scfg["max_len"])
     stream = sft.micro_batches([len(c["ids"]) for c in convs], scfg["batch_size"], 0, scfg["bucket_pool"])
-    sft_trainable(model, scfg)
+    sft.set_trainable(model, scfg)
     model.config.use_cache = False
     model.train()
-    opt = sft_optimizer(model, scfg)
+    opt = sft.adamw([p for p in model.parameters() if p.requires_grad], scfg)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     used, tokens = [], [0]
     image_tokens = (scfg["image_size"] // scfg["patch_size"]) ** 2 // 4

@@ -499,6 +499,8 @@ def main():
         world_env = int(os.environ.get("WORLD_SIZE", 1))
         check(cfg, world_env)
         init = resolve_init(cfg["init_from"])
+        # what Stage 2 kept frozen stays frozen (sft.set_trainable): the tiny preset's whole tower
+        cfg["tower_frozen"] = bool(sft.stage_config(init).get("tower_frozen"))
         tok = load_tokenizer(cfg["tokenizer_ckpt"])
     except UserError as e:
         die(e)
@@ -560,8 +562,7 @@ def main():
         ref = (load_policy(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval()
         ref.requires_grad_(False)
 
-    for name, p in sft.vision_tower(model).named_parameters():
-        p.requires_grad = not cfg["freeze_vision"] or "merger" in name
+    sft.set_trainable(model, cfg)
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)

@@ -37,8 +37,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
     ckpt="",                    # a VLM folder (save_pretrained); empty: the newest of out/grpo/model, out/sft/model
-    tokenizer_ckpt="",          # Stage-1 checkpoint; empty: the one the VLM was trained with (its sft_config.json)
-    image_size=0,               # the VLM's square input size; 0: the one it was trained at (sft_config.json)
+    tokenizer_ckpt="",          # Stage-1 checkpoint; empty: the one the VLM was trained with (its stage_config.json)
+    image_size=0,               # the VLM's square input size; 0: the one it was trained at (stage_config.json)
     mask="",                    # a region PNG (white on black) whose two words replace {mask} in the prompt
     out="out/infer",            # where the mask PNGs, the overlay and the JSON go
     device="auto",              # auto | cpu | cuda
@@ -143,16 +143,8 @@ def find_checkpoint(ckpt):
         raise UserError(f"{ckpt!r} holds no saved model (no config.json): pass the model folder of sft.py or "
                         f"grpo.py, e.g. --ckpt=out/sft/model")
     # sft.save_checkpoint (of sft.py and grpo.py) writes the stage's config beside the weights
-    stage, p = {}, os.path.join(ckpt, "sft_config.json")
-    if os.path.isfile(p):
-        try:
-            with open(p) as f:
-                stage = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{p} is unreadable ({e}): the checkpoint is damaged")
-        if not isinstance(stage, dict):
-            raise UserError(f"{p} is not a stage config: the checkpoint is damaged")
-    return ckpt, stage
+    from sft import stage_config
+    return ckpt, stage_config(ckpt)
 
 
 def resolve(path):
@@ -173,7 +165,7 @@ def load(cfg):
     S = cfg["image_size"] or stage.get("image_size", 0)
     tok_path = cfg["tokenizer_ckpt"] or resolve(stage.get("tokenizer_ckpt", ""))
     if not S or not tok_path:
-        raise UserError(f"{ckpt!r} has no sft_config.json, so it was not written by sft.py or grpo.py: to use another "
+        raise UserError(f"{ckpt!r} has no stage_config.json, so it was not written by sft.py or grpo.py: to use another "
                         f"SAMTok VLM pass --image_size=PIXELS and --tokenizer_ckpt=PATH")
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device takes auto, cpu or cuda, got {cfg['device']!r}")

@@ -56,7 +56,7 @@ DEFAULTS = dict(
     # the VLM: a released checkpoint, or (empty) a small one built from the config classes
     base_model="",              # hub id or local folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
     model_type="qwen2_5_vl",    # config-built family: qwen2_5_vl | qwen3_vl
-    hidden_size=192, n_layers=3, n_heads=3, n_kv_heads=1, intermediate_size=512,
+    hidden_size=192, n_layers=3, n_heads=3, n_kv_heads=1, intermediate_size=512, rope_theta=1e4,
     vision_hidden=96, vision_depth=2, vision_heads=2, vision_intermediate=192, patch_size=16,
     init_std=0.02,              # config-built: initializer_range of the weights
     tie_embeddings=False,       # Qwen2.5-VL-3B ties the LM head to the input embeddings, 7B does not
@@ -169,7 +169,7 @@ def build_model(cfg, processor):
                 max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=cfg["tie_embeddings"],
                 initializer_range=cfg["init_std"],
                 bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section))
+                rope_parameters=dict(rope_type="default", rope_theta=float(cfg["rope_theta"]), mrope_section=section))
     vision = dict(depth=cfg["vision_depth"], hidden_size=cfg["vision_hidden"], num_heads=cfg["vision_heads"],
                   intermediate_size=cfg["vision_intermediate"], patch_size=cfg["patch_size"], spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=H, initializer_range=cfg["init_std"])
@@ -331,6 +331,23 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             log(f"vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f} s")
+
+
+def set_trainable(model, cfg):
+    """What trains: the LLM, and of the vision tower what the config says. freeze_vision (the
+    paper) freezes the tower but trains its merger, the projector. tower_frozen (set by sft.py
+    for a config-built tower after pretrain_vision, and saved with the checkpoint, so grpo.py
+    keeps it) freezes the whole tower, merger included: trained by the LM's gradient from the
+    start, its visual tokens collapse to a constant (see pretrain_vision)."""
+    for name, p in vision_tower(model).named_parameters():
+        p.requires_grad = not cfg.get("tower_frozen") and (not cfg["freeze_vision"] or "merger" in name)
+
+
+def adamw(params, cfg):
+    """AdamW as in the paper; no weight decay on norms and biases (1-d), the usual practice."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=cfg["lr"], betas=(0.9, cfg["beta2"]))
 
 
 def vision_tower(model):
@@ -636,6 +653,24 @@ def token_loss(model, batch, labels, word_ids):
     return loss, torch.stack([hits, is_word.sum()]).float()
 
 
+STAGE_CONFIG = "stage_config.json"   # beside the weights: the config of the stage that wrote them
+
+
+def stage_config(folder):
+    """The config sft.py or grpo.py saved beside a model ({} if there is none: a released model)."""
+    p = os.path.join(folder, STAGE_CONFIG)
+    if not os.path.isfile(p):
+        return {}
+    try:
+        with open(p) as f:
+            stage = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} is unreadable ({e}): the checkpoint is damaged")
+    if not isinstance(stage, dict):
+        raise UserError(f"{p} is not a stage config: the checkpoint is damaged")
+    return stage
+
+
 def save_checkpoint(model, opt, processor, cfg, step, path, master):
     """save_pretrained (model + processor) + optimizer state, into path.tmp, then swapped in:
     a crash mid-save leaves the previous checkpoint whole (or path.old, which --resume finds)."""
@@ -648,7 +683,7 @@ def save_checkpoint(model, opt, processor, cfg, step, path, master):
         unwrap(model).save_pretrained(tmp, state_dict=msd)
         processor.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": osd, "config": cfg}, os.path.join(tmp, "train_state.pt"))
-        write_json(os.path.join(tmp, "sft_config.json"), cfg)
+        write_json(os.path.join(tmp, STAGE_CONFIG), cfg)
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -730,7 +765,7 @@ def parallelize(model, cfg, world, device):
 
 def main():
     try:
-        cfg = configure(DEFAULTS, PRESETS)
+        cfg = dict(configure(DEFAULTS, PRESETS), stage="sft")
         tasks = cfg["tasks"].split(",")
         if not set(tasks) <= {"refer", "caption", "gcg"} or not tasks:
             raise UserError(f"--tasks takes a comma list of refer, caption, gcg; got {cfg['tasks']!r}")
@@ -772,11 +807,8 @@ def main():
         die("no training samples left (is max_len too small?)")
 
     # ---- what trains: the paper freezes the vision tower and trains the projector + LLM
-    # After pretrain_vision the config-built tower stays frozen, merger included: trained by the
-    # LM's gradient from the start its tokens collapse to a constant (see pretrain_vision).
-    frozen = not cfg["base_model"] and cfg["vision_pretrain_steps"] > 0
-    for name, p in vision_tower(model).named_parameters():
-        p.requires_grad = not frozen and (not cfg["freeze_vision"] or "merger" in name)   # merger = the projector
+    cfg["tower_frozen"] = not cfg["base_model"] and cfg["vision_pretrain_steps"] > 0
+    set_trainable(model, cfg)
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -785,11 +817,8 @@ def main():
     visual = None if any(p.requires_grad for p in vision_tower(model).parameters()) else \
         visual_tokens(model, processor, images, device)
     net = parallelize(model, cfg, world, device)
-    # AdamW as in the paper; no weight decay on norms and biases (1-d), the usual practice
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg["lr"], betas=(0.9, cfg["beta2"]))
+    opt = adamw(params, cfg)
     if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))

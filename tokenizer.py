@@ -32,7 +32,6 @@ Writes out_dir/ckpt.pt (weights + config), out_dir/metrics.json and out_dir/reco
 
 import os
 import re
-import sys
 import time
 
 import numpy as np

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import grpo  # noqa: E402
+from common import write_json  # noqa: E402
 import sft  # noqa: E402
 import tokenizer as T  # noqa: E402
 # Stage 2's test fixtures (tok_ckpt, world) come from conftest.py, with the tiny VLM builder
@@ -366,6 +368,24 @@ def test_script_resume_and_evaluation(tok_ckpt, sft_ckpt, tmp_path, monkeypatch,
     state = torch.load(tmp_path / "model" / "train_state.pt", weights_only=False)
     assert state["step"] == 3 and state["config"]["stage"] == "grpo"
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".old"))]
+
+
+def test_grpo_keeps_frozen_what_sft_froze(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
+    """sft.py freezes the tiny preset's pretrained tower, merger included, and says so in the
+    checkpoint's stage config: GRPO must not train it either (nor may a later stage from GRPO's)."""
+    from safetensors.torch import load_file
+    init = tmp_path / "sft"
+    shutil.copytree(sft_ckpt, init)
+    write_json(str(init / "model" / sft.STAGE_CONFIG), {"stage": "sft", "tower_frozen": True})
+    out = tmp_path / "grpo"
+    args = script_args(tok_ckpt, str(init), out) + ["--steps=2", "--eval_n=0", "--lr=1e-2"]
+    code, _, err = run_main(monkeypatch, capsys, args)
+    assert code == 0, err
+    before, after = load_file(init / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    tower = [k for k in before if "visual." in k]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "layers." in k and "visual." not in k)
+    assert sft.stage_config(str(out / "model"))["tower_frozen"] is True
 
 
 def test_two_ranks_ddp_fsdp_parity_and_the_script(vlm, tok_ckpt, sft_ckpt, tmp_path):

@@ -30,7 +30,7 @@ TAUGHT = {SEGMENT: T.codes_to_text([[12, 200], [40, 7]]), NOTHING: sft.NO_TARGET
 @pytest.fixture(scope="module")
 def ckpt(tok_ckpt, tmp_path_factory):
     """A tiny Qwen2.5-VL with the mask words, trained until it answers TAUGHT (greedy), saved
-    as sft.py saves it: save_pretrained + processor + sft_config.json naming the tokenizer."""
+    as sft.py saves it: save_pretrained + processor + stage_config.json naming the tokenizer."""
     cfg = configure(sft.DEFAULTS, sft.PRESETS, TINY + [f"--tokenizer_ckpt={tok_ckpt}"])
     model, processor = build(cfg)
     sft.add_mask_tokens(model, processor)
@@ -50,7 +50,7 @@ def ckpt(tok_ckpt, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vlm") / "model")
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    write_json(os.path.join(path, "sft_config.json"), cfg)
+    write_json(os.path.join(path, "stage_config.json"), cfg)
     return path
 
 
@@ -77,7 +77,7 @@ def test_end_to_end_writes_each_mask_and_the_overlay(ckpt, tok_ckpt, tmp_path, c
     assert sorted(os.listdir(out)) == ["example.json", "example_mask1.png", "example_mask2.png", "example_overlay.png"]
     record = json.load(open(os.path.join(out, "example.json")))
     assert record["generated"] == TAUGHT[SEGMENT] and [m["codes"] for m in record["masks"]] == [[12, 200], [40, 7]]
-    assert record["tokenizer_ckpt"] == tok_ckpt                  # taken from the checkpoint's sft_config.json
+    assert record["tokenizer_ckpt"] == tok_ckpt                  # taken from the checkpoint's stage_config.json
     # every mask PNG is the tokenizer's decoding of its codes over the image, at the image's size
     image = infer.read_image(EXAMPLE, 10 ** 8)
     expected = T.load_tokenizer(tok_ckpt).decode(image, np.array([[12, 200], [40, 7]]))
@@ -180,7 +180,7 @@ def test_default_checkpoint_is_the_newest_stage(tmp_path, monkeypatch):
     for k, d in enumerate(("out/grpo/model", "out/sft/model")):
         os.makedirs(d)
         write_json(os.path.join(d, "config.json"), {})
-        write_json(os.path.join(d, "sft_config.json"), {"image_size": 128, "stage": d})
+        write_json(os.path.join(d, "stage_config.json"), {"image_size": 128, "stage": d})
         os.utime(os.path.join(d, "config.json"), (1000 + k, 1000 + k))
     assert infer.find_checkpoint("") == ("out/sft/model", {"image_size": 128, "stage": "out/sft/model"})
     os.utime("out/grpo/model/config.json", (2000, 2000))
@@ -247,7 +247,7 @@ def bad_files(tmp_path_factory, tok_ckpt):
     model, processor = build(cfg)
     model.save_pretrained(d / "plain")
     processor.save_pretrained(d / "plain")
-    write_json(str(d / "plain" / "sft_config.json"), cfg)
+    write_json(str(d / "plain" / "stage_config.json"), cfg)
     return d
 
 
@@ -272,7 +272,7 @@ BAD = [  # (arguments; {d}: the bad-files folder, {ckpt}: the trained checkpoint
     ([EXAMPLE, SEGMENT, "--ckpt={tok}"], "is a Stage-1 checkpoint"),
     ([EXAMPLE, SEGMENT, "--ckpt={tokdir}"], "is a Stage-1 checkpoint"),
     ([EXAMPLE, SEGMENT, "--ckpt={d}/no_config"], "no config.json"),
-    ([EXAMPLE, SEGMENT, "--ckpt={d}/foreign"], "has no sft_config.json"),
+    ([EXAMPLE, SEGMENT, "--ckpt={d}/foreign"], "has no stage_config.json"),
     ([EXAMPLE, SEGMENT, "--ckpt={d}/foreign", "--image_size=128", "--tokenizer_ckpt={tok}"], "cannot load"),
     ([EXAMPLE, SEGMENT, "--ckpt={d}/plain"], "without the 514 mask words"),
     ([EXAMPLE, SEGMENT, "--ckpt={ckpt}", "--tokenizer_ckpt={d}/nowhere.pt"], "no tokenizer checkpoint"),
