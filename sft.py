@@ -159,8 +159,8 @@ def build_model(cfg, processor):
     tid = processor.tokenizer.convert_tokens_to_ids
     H, heads = cfg["hidden_size"], cfg["n_heads"]
     # M-RoPE splits each head's rotary frequencies over (time, height, width); Qwen2.5-VL-7B
-    # uses [16, 24, 24] of 64, we keep the proportions. theta 1e4 instead of 1e6: conversations
-    # here are a few hundred tokens, not 32k.
+    # uses [16, 24, 24] of 64, we keep the proportions. rope_theta 1e4 instead of Qwen's 1e6:
+    # conversations here are a few hundred tokens, not 32k (1e6 measured the same: mIoU 0.403).
     half = H // heads // 2
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     rows = math.ceil(len(processor.tokenizer) / cfg["vocab_pad"]) * cfg["vocab_pad"]
