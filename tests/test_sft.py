@@ -341,6 +341,9 @@ def test_script_config_built_frozen_tower_ddp_fsdp(tok_ckpt, tmp_path):
     ddp, fsdp = finish(ddp), finish(fsdp)
     assert "vision pretraining 2/2" in one
     assert len(losses_of(one)) == 2
+    # grpo.py reads this to keep the tower frozen too
+    stage = sft.stage_config(str(tmp_path / "one" / "model"))
+    assert stage["stage"] == "sft" and stage["tower_frozen"] is True
     assert np.allclose(losses_of(ddp), losses_of(one), atol=2e-4)
     assert np.allclose(losses_of(fsdp), losses_of(one), atol=2e-4)
 
