@@ -13,14 +13,14 @@ optional k3 KL to the SFT model, and the Dr. GRPO / DAPO variants of the loss ag
 Before and after training the model is scored with Stage 2's evaluation on the test split.
 
 Run it (Stage 1 and 2 first: python tokenizer.py && python sft.py):
-    python grpo.py                                        # CPU, preset tiny, ~3.5 minutes on 2 cores
+    python grpo.py                                        # CPU, preset tiny
     python grpo.py --reward=iou                           # compare: match (default) | match_partial | iou
     python grpo.py --device=cuda                          # one GPU
     torchrun --standalone --nproc_per_node=8 grpo.py --preset=paper
     # two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         grpo.py --preset=paper
-Options are --key=value (see DEFAULTS): --init_from=FOLDER (a Stage-2 output, default out/sft),
+Options are --key=value (python grpo.py --help lists them): --init_from=FOLDER (a Stage-2 output, default out/sft),
 --data=FOLDER (or coco:..., refcoco:..., as in Stage 2) takes the prompts from another dataset,
 --loss_type=grpo|dr_grpo|dapo, --scale_rewards=group|none, --beta=0 drops the KL term (and the reference),
 --num_iterations=2 reuses each batch of rollouts twice, --fsdp=true shards with FSDP2,
@@ -30,19 +30,22 @@ Writes out_dir/model (save_pretrained: model + processor + optimizer state), out
 """
 
 import copy
-import json
 import math
 import os
 import re
 import time
+from collections import Counter
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import sft
-from common import UserError, configure, die, init_distributed, lr_at, stop_early, write_json
-from tokenizer import MASK_END, MASK_START, iou, load_tokenizer, mask_tokens, text_to_codes
+from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, iou, lr_at, print0, rank0_first,
+                    read_json, run, set_lr, stop_early, write_json)
+from data.tasks import NO_TARGET
+from samtok import load_tokenizer, text_to_codes
+from vlm import (END_OF_TURN, collate, cut_at_end, evaluate, load_model, load_world, micro_batches, parallelize,
+                 resolve_init, resume_dir, save_checkpoint, set_trainable, stage_config, tokenize, unwrap)
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -108,7 +111,7 @@ def reward_match(text, answer):
     is answered correctly by exactly that text and no span: full reward."""
     pred, gt = text_to_codes(text), text_to_codes(answer)
     if not gt:
-        return float(not pred and text.strip() == sft.NO_TARGET)
+        return float(not pred and text.strip() == NO_TARGET)
     return len(set(pred) & set(gt)) / max(len(pred), len(gt))
 
 
@@ -119,7 +122,7 @@ def reward_match_partial(text, answer):
     gives at most one half credit (one-to-one, in order of appearance)."""
     pred, gt = text_to_codes(text), text_to_codes(answer)
     if not gt:
-        return float(not pred and text.strip() == sft.NO_TARGET)
+        return float(not pred and text.strip() == NO_TARGET)
     distinct = list(dict.fromkeys(pred))                      # de-duplicated, order kept
     exact = [p for p in distinct if p in gt]
     open_level1 = [g[0] for g in dict.fromkeys(gt) if g not in exact]
@@ -153,7 +156,7 @@ def reward_format(text, task, finished):
     if "<|mt_" in rest:                       # a mask word outside a well-formed span
         return 0.0
     if task == "refer":
-        return float((bool(spans) and not rest.strip()) or (not spans and text.strip() == sft.NO_TARGET))
+        return float((bool(spans) and not rest.strip()) or (not spans and text.strip() == NO_TARGET))
     return 1.0
 
 
@@ -214,15 +217,15 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, cfg, n_seqs, n_tokens, weig
     return loss, stats
 
 
-def not_text(processor, rows, device):
+def banned_tokens(processor, rows, device):
     """(rows,) 0 / -inf: what the policy may not write. The vision placeholders (an <|image_pad|>
     in an answer would be taken for a slot of image features by the next forward) and the padding
     rows of the embedding matrix past the tokenizer (no text at all). Applied when sampling and
     when scoring, so the log-probs are those of the distribution the tokens were drawn from."""
-    tok = processor.tokenizer
+    text_tok = processor.tokenizer
     bias = torch.zeros(rows, device=device)
-    bias[len(tok):] = -math.inf
-    bias[tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])] = -math.inf
+    bias[len(text_tok):] = -math.inf
+    bias[text_tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])] = -math.inf
     return bias
 
 
@@ -248,9 +251,9 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
     the next text position, as a forward over the whole sequence would give it.
     sync: under FSDP every rank must run the same number of forwards, so all ranks decode until
     every rank is done."""
-    tok = processor.tokenizer
-    eos = torch.tensor(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]), device=model.device)
-    inputs, _ = sft.collate(prompts, images, processor, left_pad=True)
+    text_tok = processor.tokenizer
+    eos = torch.tensor(text_tok.convert_tokens_to_ids(list(END_OF_TURN)), device=model.device)
+    inputs, _ = collate(prompts, images, processor, left_pad=True)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                         image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
@@ -261,13 +264,13 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
     att = inputs["attention_mask"].repeat_interleave(G, 0)
     nxt = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(G)     # (N,) next text position
     logits = out.logits[:, -1].repeat_interleave(G, 0)
-    bias = not_text(processor, logits.shape[-1], logits.device)
+    bias = banned_tokens(processor, logits.shape[-1], logits.device)
     done = torch.zeros(N, dtype=torch.bool, device=model.device)
     tokens, logps = [], []
     for t in range(max_new_tokens):
         logprobs = torch.log_softmax(logits.float() / temperature + bias, -1)
         new = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
-        new = torch.where(done, tok.pad_token_id, new)
+        new = torch.where(done, text_tok.pad_token_id, new)
         tokens.append(new)
         logps.append(logprobs.gather(1, new[:, None]).squeeze(1))
         done = done | torch.isin(new, eos)
@@ -292,10 +295,10 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
 def completion_text(processor, ids):
     """The answer text of a completion: decoded with special tokens kept (they carry the
     grounding), without the end-of-turn token."""
-    return processor.tokenizer.decode(ids, skip_special_tokens=False).split("<|im_end|>")[0].split("<|endoftext|>")[0]
+    return cut_at_end(processor.tokenizer.decode(ids, skip_special_tokens=False))
 
 
-def score(rows, prompts, cfg, decode=None, gt_union=None):
+def score_rollouts(rows, prompts, cfg, decode=None, gt_union=None):
     """Rewards of completions: rows are dicts with prompt (index), text, finished. For the iou
     reward, decode(img, codes (M, 2)) -> the decoded masks (M, H, W) and gt_union(prompt) -> the
     union of its ground-truth masks (H, W); one decode call per image for all its rollouts (the
@@ -347,14 +350,14 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
     for chunk, w in mine:
         samples = [dict(img=prompts[r["prompt"]]["img"], ids=prompts[r["prompt"]]["ids"] + r["ids"],
                         lab=[False] * len(prompts[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in chunk]
-        batch, labels = sft.collate(samples, images, processor, left_pad=True)   # completions right-aligned
+        batch, labels = collate(samples, images, processor, left_pad=True)   # completions right-aligned
         n = max(len(r["ids"]) for r in chunk)
         batches.append(dict(batch={k: v.to(device) for k, v in batch.items()}, n=n,
                             mask=(labels[:, -n:] != -100).float().to(device),
                             adv=torch.tensor([r["adv"] for r in chunk], device=device),
                             weight=torch.full((len(chunk),), w, device=device)))
-    model = sft.unwrap(net)
-    bias = not_text(processor, model.get_output_embeddings().weight.shape[0], device)
+    model = unwrap(net)
+    bias = banned_tokens(processor, model.get_output_embeddings().weight.shape[0], device)
     logps = lambda m, b: completion_logps(m, b["batch"], b["n"], cfg["temperature"], bias)
     with torch.no_grad():
         for b in batches:
@@ -365,14 +368,12 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
     stats = torch.zeros(4, device=device)
     for it in range(cfg["num_iterations"]):
         if lr is not None:
-            for g in opt.param_groups:
-                g["lr"] = lr(it)
+            set_lr(opt, lr(it))
         for k, b in enumerate(batches):
-            last = k == len(batches) - 1        # gradients are synchronised on the last micro-batch only
+            # DDP all-reduces gradients on the last micro-batch only; FSDP2 reduce-scatters every one
+            # (skipping it would keep unsharded gradient sums on every rank, as in sft.py)
             if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-                net.require_backward_grad_sync = last
-            elif hasattr(net, "set_requires_gradient_sync"):
-                net.set_requires_gradient_sync(last)
+                net.require_backward_grad_sync = k == len(batches) - 1
             logp = logps(net, b)
             old = b["old"] if b["old"] is not None else logp.detach()
             loss, s = policy_loss(logp, old, b["ref"], b["adv"], b["mask"], cfg, n_seqs, n_tokens, b["weight"])
@@ -387,15 +388,14 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
     return stats
 
 # ----------------------------------------------------------------------------- data
-
-
-def load_prompts(cfg, tok):
+def load_prompts(cfg, mask_tok):
     """The segmentation prompts of the train split of cfg["data"] (Stage 2's samples: same
     templates, same answers - the mask words of the targets from the Stage-1 encoder, or
     "No target."): dicts with task, prompt, answer, targets, img. Returns (images at the VLM's
     input size, prompts, scenes as (seed, scene); masks kept only for the iou reward)."""
     tasks = tuple(cfg["tasks"].split(","))
-    images, samples, scenes, _ = sft.load_world("train", cfg["n_train"], tok, cfg, tasks,
+    with rank0_first():         # rank 0 encodes the answers' masks and caches the codes first
+        images, samples, scenes, _ = load_world("train", cfg["n_train"], mask_tok, cfg, tasks,
                                                 keep_masks=cfg["reward"] == "iou")
     prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
     if not prompts:
@@ -416,49 +416,13 @@ def gt_union(scene, targets):
 def tokenize_prompts(prompts, images, processor):
     """Token ids of each prompt (chat template, image expanded), up to and including
     '<|im_start|>assistant\\n': what the policy continues."""
-    convs, _ = sft.tokenize([[p] for p in prompts], images, processor, max_len=10 ** 9)
+    convs, _ = tokenize([[p] for p in prompts], images, processor, max_len=10 ** 9)
     return [dict(p, ids=c["ids"][:c["n_prompt"]], lab=[False] * c["n_prompt"], n_prompt=c["n_prompt"])
             for p, c in zip(prompts, convs)]
 
-# ----------------------------------------------------------------------------- checkpoints
 
-
-def resolve_init(path):
-    """Stage 2's output folder or its model/ subfolder -> the model folder; one clear line for a
-    missing or wrong-stage checkpoint."""
-    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "ckpt.pt")):
-        f = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
-        stage = None
-        try:
-            ck = torch.load(f, map_location="cpu", weights_only=False)
-            stage = ck.get("stage") if isinstance(ck, dict) else None
-        except Exception:
-            pass
-        what = "the Stage-1 tokenizer checkpoint" if stage == "tokenizer" else "a file, not a model folder"
-        raise UserError(f"--init_from={path} is {what}; it takes the Stage-2 folder that sft.py writes (out/sft)")
-    if os.path.isdir(os.path.join(path, "model")):
-        path = os.path.join(path, "model")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"no Stage-2 checkpoint at {path}: run `python sft.py` first (or pass --init_from=FOLDER)")
-    return path
-
-
-def load_policy(path, cfg):
-    """A saved Stage-2 (or Stage-3) model through the Auto classes, checked to speak in mask words."""
-    model, processor = sft.load_pretrained(path, cfg)
-    tok = processor.tokenizer
-    vocab = tok.get_vocab()
-    if not all(w in vocab for w in mask_tokens()):
-        raise UserError(f"{path} is not a Stage-2 checkpoint: its vocabulary has no mask words "
-                        f"({MASK_START} ... {MASK_END}); run sft.py on it first")
-    if "<|im_end|>" not in vocab:
-        raise UserError(f"{path}: the tokenizer has no <|im_end|>, so a rollout could never end its turn")
-    if max(tok.convert_tokens_to_ids(mask_tokens())) >= model.get_input_embeddings().weight.shape[0]:
-        raise UserError(f"{path}: the embedding matrix is smaller than the vocabulary with mask words")
-    return model, processor
-
-
-def check(cfg, world):
+# ----------------------------------------------------------------------------- the phases of main
+def check_options(cfg, world):
     """Options that cannot work, as one line each, before anything is loaded or written."""
     G = cfg["num_generations"]
     if cfg["reward"] not in REWARDS:
@@ -487,201 +451,84 @@ def check(cfg, world):
     if not 0 <= cfg["eps_low"] < 1 or cfg["eps_high"] < 0 or cfg["beta"] < 0:
         raise UserError("the clip range needs 0 <= eps_low < 1 and eps_high >= 0, and beta >= 0")
 
-# ----------------------------------------------------------------------------- main
+
+def load_start(cfg, device):
+    """The Stage-1 tokenizer, the prompts, and the policy: Stage 2's model (what it kept frozen
+    stays frozen: the tiny preset's whole tower, read from its stage_config.json), or this stage's
+    own checkpoint when resuming. -> (mask_tok, init folder, images, prompts, scenes, model,
+    processor, train state or None)."""
+    init = resolve_init(cfg["init_from"])
+    cfg["tower_frozen"] = bool(stage_config(init).get("tower_frozen"))
+    print0(f"inherited from {init}: tower_frozen={cfg['tower_frozen']}")
+    mask_tok = load_tokenizer(cfg["tokenizer_ckpt"]).to(device)   # decodes on the same device (iou reward, evaluation)
+    src, state = (None, None)
+    if cfg["resume"]:
+        src, state = resume_dir(os.path.join(cfg["out_dir"], "model"))
+        if state["config"].get("stage") != "grpo":
+            raise UserError(f"--resume: {src} is not a GRPO checkpoint")
+    images, prompts, scenes = load_prompts(cfg, mask_tok)
+    model, processor = load_model(src or init, cfg)
+    return mask_tok, init, images, tokenize_prompts(prompts, images, processor), scenes, model, processor, state
 
 
-def main():
-    t_start = time.time()
-    from transformers.utils import logging
-    logging.disable_progress_bar()      # one line per step, not a bar per weight file
-    try:
-        cfg = configure(DEFAULTS, PRESETS)
-        world_env = int(os.environ.get("WORLD_SIZE", 1))
-        check(cfg, world_env)
-        init = resolve_init(cfg["init_from"])
-        # what Stage 2 kept frozen stays frozen (sft.set_trainable): the tiny preset's whole tower
-        cfg["tower_frozen"] = bool(sft.stage_config(init).get("tower_frozen"))
-        tok = load_tokenizer(cfg["tokenizer_ckpt"])
-    except UserError as e:
-        die(e)
-    rank, world, device = init_distributed(cfg["device"])
-    master, cuda = rank == 0, device.type == "cuda"
-    tok = tok.to(device)       # Stage 1 decodes on the same device (iou reward, evaluation)
-    torch.manual_seed(cfg["seed"])
-    if master:
-        print("config:", cfg)
-    out, G = cfg["out_dir"], cfg["num_generations"]
-    model_dir = os.path.join(out, "model")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+def evaluate_before(cfg, model, processor, mask_tok, init, step, device):
+    """Stage 2's evaluation of the start policy (rank 0), kept on disk so a resumed run reports it."""
+    path = os.path.join(cfg["out_dir"], "before.json")
+    before = read_json(path) if cfg["resume"] and os.path.exists(path) else None
+    if before is None:
+        m, p = load_model(init, cfg) if step else (model, processor)   # resumed: the start model itself
+        with autocast(device):
+            before = evaluate(m.to(device), p, mask_tok, cfg, n=cfg["eval_n"])
+        write_json(path, before)
+    print(f"before: {summary(before)}", flush=True)
+    return before
 
-    # ---- the policy: Stage 2's model, or this stage's own checkpoint when resuming
-    step, state = 0, None
-    try:
-        if cfg["resume"]:
-            src, state = sft.resume_dir(model_dir)
-            if state["config"].get("stage") != "grpo":
-                raise UserError(f"--resume: {src} is not a GRPO checkpoint")
-            step = state["step"]
-        if world > 1 and not master:
-            dist.barrier()          # rank 0 encodes the answers' masks and caches the codes first
-        images, prompts, scenes = load_prompts(cfg, tok)
-        if world > 1 and master:
-            dist.barrier()
-        model, processor = load_policy(src if state is not None else init, cfg)
-    except UserError as e:
-        die(e)
-    prompts = tokenize_prompts(prompts, images, processor)
-    n_params = sum(p.numel() for p in model.parameters())
-    if master:
-        count = {t: sum(p["task"] == t for p in prompts) for t in ("refer", "gcg")}
-        print(f"policy: {init if not step else model_dir}, {n_params / 1e6:.2f}M parameters | prompts: {count} | "
-              f"G={G}, {cfg['batch_size'] // G} prompts = {cfg['batch_size']} completions a step")
-        if step:
-            print(f"resuming from step {step}")
 
-    # ---- evaluation before (rank 0, Stage 2's function); kept on disk so a resumed run reports it
-    before_path = os.path.join(out, "before.json")
-    before = None
-    if master and cfg["eval_n"]:
-        before = load_json(before_path) if cfg["resume"] and os.path.exists(before_path) else None
-        if before is None:
-            if step:   # resumed without the start's figures: evaluate the start model itself
-                m0, p0 = load_policy(init, cfg)
-            else:
-                m0, p0 = model, processor
-            with amp:
-                before = sft.evaluate(m0.to(device), p0, tok, cfg, n=cfg["eval_n"])
-            write_json(before_path, before)
-        print(f"before: {summary(before)}", flush=True)
-    if world > 1:
-        dist.barrier()
+def gather_rows(rows, batch_prompts, G, world):
+    """Every rank's scored completions, on every rank, in the step's order: prompt i was sampled
+    by rank i % world, as its (i // world)-th."""
+    if world == 1:
+        return rows
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    return [r for i in range(len(batch_prompts)) for r in gathered[i % world][i // world * G:(i // world + 1) * G]]
 
-    # ---- the frozen reference (only with the KL term): always the start model, also on resume
-    ref = None
-    if cfg["beta"] > 0:
-        ref = (load_policy(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval()
-        ref.requires_grad_(False)
 
-    sft.set_trainable(model, cfg)
-    if cfg["grad_checkpointing"]:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    net = sft.parallelize(model, cfg, world, device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, cfg["beta2"]), weight_decay=cfg["weight_decay"])
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    hist_path = os.path.join(out, "history.json")
-    history = load_json(hist_path)[:step] if step and os.path.exists(hist_path) else []
+def log_line(window, step, steps, lr, ref):
+    """One line for the last log_every steps: reward and its spread, the clip fractions, KL,
+    lengths, ms/step with the share of sampling, completions/s."""
+    w = {k: np.mean([x[k] for x in window]) for k in ("reward", "reward_std", "frac_reward_zero_std",
+                                                      "clip_low", "clip_high", "length", "truncated")}
+    secs = sum(x["seconds"] for x in window)
+    kl = f"{np.mean([x['kl'] for x in window]):.4f}" if ref is not None else "-"
+    return (f"step {step:4d}/{steps} | reward {w['reward']:.3f} std {w['reward_std']:.3f} "
+            f"| zero-std {w['frac_reward_zero_std']:.2f} | kl {kl} | clip lo {w['clip_low']:.3f} "
+            f"hi {w['clip_high']:.3f} | len {w['length']:.1f} trunc {w['truncated']:.2f} | lr {lr:.1e} "
+            f"| {1000 * secs / len(window):.0f} ms/step ({100 * sum(x['gen_seconds'] for x in window) / secs:.0f}% "
+            f"sampling) | {sum(x['completions'] for x in window) / secs:.0f} completions/s")
 
-    # ---- the loop: every rank draws the same prompts (length-bucketed, from the seed) and samples
-    # the completions of its share; rewards and completions are then gathered, so every rank
-    # knows the whole step: the advantages, which groups carry a loss, the loss normalisers
-    per_step = cfg["batch_size"] // G
-    stream = sft.micro_batches([len(p["ids"]) for p in prompts], per_step, cfg["seed"], 16)
-    for _ in range(step):
-        next(stream)
-    steps, mu = cfg["steps"], cfg["num_iterations"]
-    run_steps, window = 0, []
-    gen = torch.Generator(device=device)
-    while step < steps:
-        t_step = time.time()
-        batch_prompts = next(stream)
-        mine = batch_prompts[rank::world]
-        gen.manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
-        model.eval()
-        t_gen = time.time()
-        with amp:
-            comps = rollout(model, processor, [prompts[j] for j in mine], images, G, cfg["max_new_tokens"],
-                            cfg["temperature"], gen, sync=cfg["fsdp"] and world > 1)
-        t_gen = time.time() - t_gen
-        model.train()
-        rows = [dict(prompt=j, ids=c["ids"], finished=c["finished"], text=completion_text(processor, c["ids"]))
-                for j, c in zip([j for j in mine for _ in range(G)], comps)]
-        # the iou reward decodes over each scene's own image and compares at its own size
-        decode = lambda img, codes: tok.decode(scenes[img][1]["image"], codes)
-        truth = lambda p: gt_union(scenes[p["img"]][1], p["targets"])
-        for r, x in zip(rows, score(rows, prompts, cfg, decode, truth)):
-            r["reward"] = x
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rows)
-            # back in the step's order: prompt i was sampled by rank i % world, as its (i // world)-th
-            rows = [r for i in range(len(batch_prompts)) for r in gathered[i % world][i // world * G:(i // world + 1) * G]]
-        if not any(r["finished"] for r in rows):
-            # every rollout ran to max_new_tokens: the policy does not end its turn (a wrong start
-            # checkpoint, or max_new_tokens far too small); nothing is written, earlier checkpoints stay
-            die(f"no rollout of step {step + 1} ended within --max_new_tokens={cfg['max_new_tokens']}: the policy "
-                f"never ends its answer with <|im_end|>; raise --max_new_tokens or check --init_from={cfg['init_from']}")
-        R = torch.tensor([r["reward"] for r in rows]).view(-1, G)
-        A, equal = advantages(R, cfg["scale_rewards"])
-        for r, a in zip(rows, A.flatten().tolist()):
-            r["adv"] = a
-        # A group of equal rewards has A = 0: no policy-gradient loss, so without the KL term it is
-        # not even forwarded. With the KL term (beta > 0) it stays: the KL to the start model must
-        # also hold where the reward says nothing (with a weak start, every wrong mask and a wrong
-        # "No target." alike score 0, and only the KL keeps "No target." from spreading there).
-        kept = [r for g in range(len(R)) if not equal[g] or ref is not None for r in rows[g * G:(g + 1) * G]]
-        lr = lambda it: lr_at(step * mu + it, steps * mu, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"])
-        lr_now, t_upd = lr(0), time.time()
-        with amp:
-            stats = update(net, opt, kept, prompts, images, processor, cfg, rank, world, ref, lr) if kept \
-                else torch.zeros(4)
-        t_upd = time.time() - t_upd
-        step += 1
-        run_steps += 1
-        tokens = max(float(stats[3]), 1.0)
-        rec = dict(step=step, reward=float(R.mean()), reward_std=float(R.std(1).mean()),
-                   frac_reward_zero_std=float(equal.float().mean()), kl=float(stats[0]) / tokens if ref is not None else None,
-                   clip_low=float(stats[1]) / tokens, clip_high=float(stats[2]) / tokens,
-                   length=float(np.mean([len(r["ids"]) for r in rows])),
-                   truncated=float(np.mean([not r["finished"] for r in rows])),
-                   completions=len(rows), gen_seconds=t_gen, update_seconds=t_upd, seconds=time.time() - t_step)
-        history.append(rec)
-        window.append(rec)
-        if master and (step % cfg["log_every"] == 0 or step == steps or step == 1):
-            w = {k: np.mean([x[k] for x in window]) for k in ("reward", "reward_std", "frac_reward_zero_std",
-                                                              "clip_low", "clip_high", "length", "truncated")}
-            secs = sum(x["seconds"] for x in window)
-            kl = f"{np.mean([x['kl'] for x in window]):.4f}" if ref is not None else "-"
-            print(f"step {step:4d}/{steps} | reward {w['reward']:.3f} std {w['reward_std']:.3f} "
-                  f"| zero-std {w['frac_reward_zero_std']:.2f} | kl {kl} | clip lo {w['clip_low']:.3f} "
-                  f"hi {w['clip_high']:.3f} | len {w['length']:.1f} trunc {w['truncated']:.2f} | lr {lr_now:.1e} "
-                  f"| {1000 * secs / len(window):.0f} ms/step ({100 * sum(x['gen_seconds'] for x in window) / secs:.0f}% "
-                  f"sampling) | {sum(x['completions'] for x in window) / secs:.0f} completions/s", flush=True)
-            window = []
-        if step % cfg["ckpt_every"] == 0 or step == steps:
-            sft.save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir, master)
-            if master:
-                write_json(os.path.join(out, "history.json"), history)
-        if stop_early(cfg, run_steps, step, steps, master):
-            return
-    if world > 1:
-        dist.destroy_process_group()
-    if not master:
-        return
 
-    # ---- evaluation after: the model as saved, loaded fresh (as infer.py or a user would)
-    k = max(1, len(history) // 10)
+def finish(cfg, history, before, mask_tok, device, t_start):
+    """The reward curve, the throughput and the evaluation after (the model as saved, loaded fresh,
+    as infer.py or a user would): metrics.json and gallery.png."""
+    out, k, secs = cfg["out_dir"], max(1, len(history) // 10), max(sum(h["seconds"] for h in history), 1e-9)
     metrics = dict(before=before, after=None,
                    reward_first=float(np.mean([h["reward"] for h in history[:k]])),
                    reward_last=float(np.mean([h["reward"] for h in history[-k:]])), reward_window_steps=k,
-                   completions_per_s=sum(h["completions"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9),
-                   sampling_fraction=sum(h["gen_seconds"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9),
-                   train_seconds=sum(h["seconds"] for h in history),
+                   completions_per_s=sum(h["completions"] for h in history) / secs,
+                   sampling_fraction=sum(h["gen_seconds"] for h in history) / secs, train_seconds=secs,
                    frac_reward_zero_std=float(np.mean([h["frac_reward_zero_std"] for h in history])),
-                   steps=steps, reward=cfg["reward"], loss_type=cfg["loss_type"], preset=cfg["preset"])
+                   steps=cfg["steps"], reward=cfg["reward"], loss_type=cfg["loss_type"], preset=cfg["preset"])
     if cfg["eval_n"]:
-        m, p = load_policy(model_dir, cfg)
-        with amp:
-            metrics["after"] = sft.evaluate(m.to(device), p, tok, cfg, n=cfg["eval_n"], gallery=os.path.join(out, "gallery.png"))
+        m, p = load_model(os.path.join(out, "model"), cfg)
+        with autocast(device):
+            metrics["after"] = evaluate(m.to(device), p, mask_tok, cfg, n=cfg["eval_n"], gallery=os.path.join(out, "gallery.png"))
         print(f"after:  {summary(metrics['after'])}")
     metrics["wall_seconds"] = time.time() - t_start      # this process, start to end: loading, both evaluations
     write_json(os.path.join(out, "metrics.json"), metrics)
     print(f"reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f} (mean of the first / last {k} steps) "
           f"| {metrics['completions_per_s']:.0f} completions/s | trained in {metrics['train_seconds']:.0f} s "
-          f"| wrote {model_dir}, {out}/metrics.json")
+          f"| wrote {out}/model, {out}/metrics.json")
 
 
 def summary(m):
@@ -690,10 +537,107 @@ def summary(m):
             f"| exact mask words {f(m['exact_match'])}")
 
 
-def load_json(path):
-    with open(path) as f:
-        return json.load(f)
+# ----------------------------------------------------------------------------- main
+def main():
+    t_start = time.time()
+    from transformers.utils import logging
+    logging.disable_progress_bar()      # one line per step, not a bar per weight file
+    cfg = configure(DEFAULTS, PRESETS, doc=__doc__)
+    check_options(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world, device = init_distributed(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    print0("config:", cfg)
+    mask_tok, init, images, prompts, scenes, model, processor, state = load_start(cfg, device)
+    G, step, model_dir = cfg["num_generations"], state["step"] if state else 0, os.path.join(cfg["out_dir"], "model")
+    print0(f"policy: {init if not step else model_dir}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+           f"parameters | prompts: {dict(Counter(p['task'] for p in prompts))} | G={G}, "
+           f"{cfg['batch_size'] // G} prompts = {cfg['batch_size']} completions a step" + (f" | resuming from step {step}" if step else ""))
+    before = evaluate_before(cfg, model, processor, mask_tok, init, step, device) if rank == 0 and cfg["eval_n"] else None
+    if world > 1:
+        dist.barrier()
+    # the frozen reference (only with the KL term): always the start model, also on resume
+    ref = (load_model(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval().requires_grad_(False) \
+        if cfg["beta"] > 0 else None
+    set_trainable(model, cfg)
+    if cfg["grad_checkpointing"]:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    net = parallelize(model.to(device), cfg, world, device)
+    opt = adamw(net.parameters(), cfg["lr"], cfg["weight_decay"], cfg["beta2"])
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    hist_path = os.path.join(cfg["out_dir"], "history.json")
+    history = read_json(hist_path)[:step] if step and os.path.exists(hist_path) else []
+
+    # ---- the loop: every rank draws the same prompts (length-bucketed, from the seed) and samples
+    # the completions of its share; rewards and completions are then gathered, so every rank
+    # knows the whole step: the advantages, which groups carry a loss, the loss normalisers
+    stream = micro_batches([len(p["ids"]) for p in prompts], cfg["batch_size"] // G, cfg["seed"], 16)
+    for _ in range(step):
+        next(stream)
+    steps, mu, run_steps, window, amp = cfg["steps"], cfg["num_iterations"], 0, [], autocast(device)
+    gen = torch.Generator(device=device)
+    while step < steps:
+        # sampling: G completions for each of this rank's prompts, on one shared prefill
+        t_step, batch_prompts = time.time(), next(stream)
+        mine = batch_prompts[rank::world]
+        gen.manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
+        model.eval()
+        with amp:
+            comps = rollout(model, processor, [prompts[j] for j in mine], images, G, cfg["max_new_tokens"],
+                            cfg["temperature"], gen, sync=cfg["fsdp"] and world > 1)
+        t_gen = time.time() - t_step
+        model.train()
+        # rewards, from the text alone (the iou reward decodes over each scene's own image)
+        rows = [dict(prompt=j, ids=c["ids"], finished=c["finished"], text=completion_text(processor, c["ids"]))
+                for j, c in zip([j for j in mine for _ in range(G)], comps)]
+        decode = lambda img, codes: mask_tok.decode(scenes[img][1]["image"], codes)
+        truth = lambda p: gt_union(scenes[p["img"]][1], p["targets"])
+        for r, x in zip(rows, score_rollouts(rows, prompts, cfg, decode, truth)):
+            r["reward"] = x
+        rows = gather_rows(rows, batch_prompts, G, world)
+        if not any(r["finished"] for r in rows):
+            # the policy does not end its turn (a wrong start checkpoint, or max_new_tokens far too
+            # small); nothing is written, earlier checkpoints stay
+            raise UserError(f"no rollout of step {step + 1} ended within --max_new_tokens={cfg['max_new_tokens']}: the "
+                            f"policy never ends its answer with <|im_end|>; raise --max_new_tokens or check --init_from")
+        # group-relative advantages: A = (R - mean of the group) / std of the group
+        R = torch.tensor([r["reward"] for r in rows]).view(-1, G)
+        A, equal = advantages(R, cfg["scale_rewards"])
+        for r, a in zip(rows, A.flatten().tolist()):
+            r["adv"] = a
+        # A group of equal rewards has A = 0: no policy-gradient loss, so without the KL term it is
+        # not even forwarded. With the KL term (beta > 0) it stays: the KL to the start model must
+        # also hold where the reward says nothing.
+        kept = [r for g in range(len(R)) if not equal[g] or ref is not None for r in rows[g * G:(g + 1) * G]]
+        # the update: mu optimizer steps on this batch of rollouts, the lr set per step
+        lr = lambda it: lr_at(step * mu + it, steps * mu, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"])
+        lr_now, t_upd = lr(0), time.time()
+        with amp:
+            stats = update(net, opt, kept, prompts, images, processor, cfg, rank, world, ref, lr) if kept else torch.zeros(4)
+        step, run_steps, t_upd, tokens = step + 1, run_steps + 1, time.time() - t_upd, max(float(stats[3]), 1.0)
+        # timing and logging
+        rec = dict(step=step, reward=float(R.mean()), reward_std=float(R.std(1).mean()),
+                   frac_reward_zero_std=float(equal.float().mean()), kl=float(stats[0]) / tokens if ref is not None else None,
+                   clip_low=float(stats[1]) / tokens, clip_high=float(stats[2]) / tokens,
+                   length=float(np.mean([len(r["ids"]) for r in rows])), truncated=float(np.mean([not r["finished"] for r in rows])),
+                   completions=len(rows), gen_seconds=t_gen, update_seconds=t_upd, seconds=time.time() - t_step)
+        history.append(rec)
+        window.append(rec)
+        if step % cfg["log_every"] == 0 or step == steps or step == 1:
+            print0(log_line(window, step, steps, lr_now, ref), flush=True)
+            window = []
+        # checkpoint and termination conditions
+        if step % cfg["ckpt_every"] == 0 or step == steps:
+            save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir)
+            if rank == 0:
+                write_json(hist_path, history)
+        if stop_early(cfg, run_steps, step, steps):
+            return
+    cleanup()
+    if rank == 0:
+        finish(cfg, history, before, mask_tok, device, t_start)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,8 +12,8 @@ Run it (after python tokenizer.py and python sft.py; data/example.jpg ships with
     python infer.py data/example.jpg "Please segment the red circle in this image."
     python infer.py data/example.jpg "Describe the region {mask} in detail." --mask=REGION.png
     python infer.py IMAGE "PROMPT" --ckpt=out/grpo/model --out=out/infer --device=cuda
-Options are --key=value (see DEFAULTS), given before or after the two positionals: the image and
-the prompt. One process, one image: there is nothing to distribute, so no torchrun form.
+Options are --key=value or --key value (--help lists them), before or after the two positionals,
+the image and the prompt. One process, one image: there is nothing to distribute, so no torchrun.
 Prints the answer with each mask shown as [mask 1], [mask 2], ... and writes, in --out, one PNG
 per mask (white on black, the image's size), an overlay of all of them with a legend, and a JSON
 with the generated words, the codes and the file names.
@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 
-from common import PALETTE, UserError, configure, die, overlay
-from tokenizer import codes_to_text, load_tokenizer, mask_tokens, resize_image, text_to_codes
+from common import PALETTE, UserError, configure, die, help_text, overlay, resize_image
+from samtok import codes_to_text, load_tokenizer, mask_tokens, text_to_codes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -142,8 +142,8 @@ def find_checkpoint(ckpt):
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
         raise UserError(f"{ckpt!r} holds no saved model (no config.json): pass the model folder of sft.py or "
                         f"grpo.py, e.g. --ckpt=out/sft/model")
-    # sft.save_checkpoint (of sft.py and grpo.py) writes the stage's config beside the weights
-    from sft import stage_config
+    # vlm.save_checkpoint (of sft.py and grpo.py) writes the stage's config beside the weights
+    from vlm import stage_config
     return ckpt, stage_config(ckpt)
 
 
@@ -159,7 +159,7 @@ def load(cfg):
     """-> (VLM, processor, Stage-1 tokenizer, the VLM's input size S, the checkpoint folder,
     the tokenizer checkpoint path)."""
     from transformers.utils import logging as hf_logging
-    from sft import load_pretrained
+    from vlm import load_pretrained
     hf_logging.disable_progress_bar()    # a bar for loading a few MB of weights is noise here
     ckpt, stage = find_checkpoint(cfg["ckpt"])
     S = cfg["image_size"] or stage.get("image_size", 0)
@@ -175,7 +175,7 @@ def load(cfg):
     try:
         model, processor = load_pretrained(ckpt, dict(image_size=S))
     except UserError:
-        raise
+        raise                        # already one clear line
     except Exception as e:           # a damaged weight file, a config of an unknown family, ...
         raise UserError(f"cannot load the VLM in {ckpt!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     vocab = processor.tokenizer.get_vocab()
@@ -183,12 +183,12 @@ def load(cfg):
         raise UserError(f"{ckpt!r} is a Qwen-VL without the 514 mask words, not a SAMTok checkpoint: train it "
                         f"with sft.py first")
     try:
-        tok = load_tokenizer(tok_path, device)
-    except UserError as e:
-        raise UserError(f"{e} (or pass --tokenizer_ckpt=PATH)")
+        mask_tok = load_tokenizer(tok_path, device)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot load the tokenizer checkpoint {tok_path!r}: {type(e).__name__}: {e}")
-    return model.to(device).eval(), processor, tok, S, ckpt, tok_path
+    return model.to(device).eval(), processor, mask_tok, S, ckpt, tok_path
 
 # ----------------------------------------------------------------------------- the answer
 REF_START, REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
@@ -232,20 +232,20 @@ def read_answer(text):
     return answer.strip(), codes, labels, bad
 
 
-def decode_masks(tok, image, codes):
+def decode_masks(mask_tok, image, codes):
     """The Stage-1 decoder paints each (c1, c2) over the image at the image's own size. In
     chunks: its logits are upsampled to H x W in float32 before the threshold, 256 MB a mask
     at 8000 x 8000, so a chunk holds as many masks as fit in ~1 GB."""
     H, W = image.shape[:2]
     chunk = max(1, 2 ** 28 // (H * W))
-    parts = [tok.decode(image, np.array(codes[i:i + chunk])) for i in range(0, len(codes), chunk)]
+    parts = [mask_tok.decode(image, np.array(codes[i:i + chunk])) for i in range(0, len(codes), chunk)]
     return np.concatenate(parts) if parts else np.zeros((0, H, W), bool)
 
 
 def chat(model, processor, image, prompt, max_new_tokens):
     """One user turn (the image, then the prompt), greedy, through exactly the tokenization and
-    generation code of training and evaluation (sft.tokenize / sft.generate)."""
-    from sft import generate, tokenize
+    generation code of training and evaluation (vlm.tokenize / vlm.generate)."""
+    from vlm import generate, tokenize
     convs, _ = tokenize([[dict(prompt=prompt, answer="", img=0)]], [image], processor, max_len=10 ** 9)
     limit = model.config.get_text_config().max_position_embeddings
     if len(convs[0]["ids"]) + max_new_tokens > limit:
@@ -356,10 +356,17 @@ def parse_args(argv):
     """IMAGE "PROMPT" plus --key=value options, in any order."""
     usage = 'usage: python infer.py IMAGE "PROMPT" [--mask=REGION.png] [--ckpt=DIR] [--out=DIR] [--key=value ...]'
     if any(a in ("-h", "--help") for a in argv):
-        print(usage + "\n" + __doc__.split("Run it")[0].strip())
+        print(usage + "\n\n" + help_text(DEFAULTS, PRESETS, __doc__))
         sys.exit(0)
-    options = [a for a in argv if a.startswith("--")]
-    positional = [a for a in argv if not a.startswith("--")]
+    options, positional, i = [], [], 0
+    while i < len(argv):             # every option takes a value: --key=value or --key value
+        a = argv[i]
+        if a.startswith("--") and "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            options.append(f"{a}={argv[i + 1]}")
+            i += 1
+        else:
+            (options if a.startswith("--") else positional).append(a)
+        i += 1
     cfg = configure(DEFAULTS, PRESETS, options)      # a malformed option is reported first
     if len(positional) != 2:
         raise UserError(f"expected an image and a prompt, got {len(positional)} arguments; {usage}")
@@ -378,13 +385,13 @@ def main(argv=None):
         # the inputs are checked before anything heavy is loaded: bad input fails in a second
         image = read_image(image_path, cfg["max_pixels"])
         region = read_region(cfg["mask"], image.shape[:2], cfg["max_pixels"]) if cfg["mask"] else None
-        model, processor, tok, S, ckpt, tok_path = load(cfg)
+        model, processor, mask_tok, S, ckpt, tok_path = load(cfg)
         t_load = time.time()
         asked = prompt
         if region is not None:
             # region captioning: the region's two words stand in the prompt where {mask} does
             try:
-                words = codes_to_text(tok.encode(image, region[None]).cpu().numpy())
+                words = codes_to_text(mask_tok.encode(image, region[None]).cpu().numpy())
             except ValueError as e:
                 raise UserError(f"region mask {cfg['mask']!r}: {e}")
             asked = prompt.replace("{mask}", words) if "{mask}" in prompt else f"{prompt} {words}"
@@ -393,7 +400,7 @@ def main(argv=None):
         generated = chat(model, processor, resize_image(image, S).copy(), asked, cfg["max_new_tokens"])
         t_gen = time.time()
         answer, codes, labels, bad = read_answer(generated)
-        masks = decode_masks(tok, image, codes)
+        masks = decode_masks(mask_tok, image, codes)
         t_dec = time.time()
         stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
         record = dict(image=image_path, prompt=prompt, prompt_sent=asked, generated=generated, answer=answer,

@@ -33,6 +33,7 @@ SHAPES = ("circle", "square", "triangle", "star", "ellipse", "ring")
 SPLITS = {"train": (0, 1_000_000), "val": (1_000_000, 1_010_000), "test": (2_000_000, 2_010_000)}
 
 SMALL_MAX, BIG_MIN = 0.02, 0.10   # visible-area fractions separating small / medium / big
+SIZES = ("small", "medium", "big")
 MIN_PIXELS, MIN_VISIBLE = 12, 0.4  # every final mask keeps >= 12 px and >= 40% of its shape
 STAR_INNER = 0.42                  # inner/outer radius of the 5-pointed star
 
@@ -120,7 +121,7 @@ def background(rng, size, noise):
 # ----------------------------------------------------------------------------- words
 
 def size_word(area):
-    return "small" if area < SMALL_MAX else ("big" if area > BIG_MIN else "medium")
+    return SIZES[0] if area < SMALL_MAX else (SIZES[2] if area > BIG_MIN else SIZES[1])
 
 
 def position_word(cx, cy, size):

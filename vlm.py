@@ -1,0 +1,476 @@
+"""
+What every stage does with a Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), in one place.
+
+sft.py trains it, grpo.py reinforces it, infer.py and the evaluation ask it; all of them go
+through the same few functions, so a sample is tokenized, batched and generated the same way
+everywhere:
+- the chat template's parts, tokenize (conversations -> ids + which tokens carry the loss),
+  collate (-> model inputs), micro_batches (length-bucketed), visual_tokens (a frozen tower once);
+- load / freeze / parallelize / save / resume a model (save_pretrained folders with the stage's
+  config beside the weights);
+- the Stage-2/3 data: every scene's samples (data/tasks.py) with the target words the Stage-1
+  tokenizer says for its masks, encoded once and cached on disk;
+- generate and evaluate: greedy answers, decoded through the Stage-1 decoder, scored as the
+  paper scores them (GRES mIoU / cIoU, N-acc) plus exact words and caption attributes.
+"""
+
+import hashlib
+import os
+import shutil
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from common import (UserError, atomic_save, iou, is_master, overlay, progress, read_checkpoint, read_json, resize_image,
+                    write_json)
+from data.tasks import ATTRS, absent_refs, scene_samples, scene_seed
+from samtok import MASK_END, MASK_START, mask_tokens, text_to_codes
+
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>")   # a reply ends at Qwen's end of turn (or end of text)
+
+
+def vision_tower(model):
+    return model.model.visual
+
+
+def decoder_layers(model):
+    return model.model.language_model.layers
+
+
+def cut_at_end(text):
+    """A reply's text up to its end-of-turn token."""
+    return text.split(END_OF_TURN[0])[0].split(END_OF_TURN[1])[0]
+
+# ----------------------------------------------------------------------------- chat, tokens, batches
+def chat_parts(processor, image):
+    """The chat template's text around the user's and the assistant's words, found by rendering
+    a two-turn conversation with marker strings once (instead of the template per sample):
+    first = up to the first user text (the image placeholder expanded to its visual tokens,
+    as the processor expands it: every image is image_size^2 px, so has the same count),
+    ask = from a user text to the assistant's reply, next = from the end of a reply
+    (after its <|im_end|>) to the next user text."""
+    a, b, c = "\x00", "\x01", "\x02"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": a}]},
+            {"role": "assistant", "content": b},
+            {"role": "user", "content": [{"type": "text", "text": c}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    first, rest = text.split(a)
+    ask, rest = rest.split(b)
+    nxt, ask2 = rest.split(c)
+    eos = processor.tokenizer.eos_token
+    if ask != ask2 or not nxt.startswith(eos):
+        raise UserError("the processor's chat template is not Qwen-style (<|im_start|>role ... <|im_end|>)")
+    grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    n_img = int(grid.prod()) // processor.image_processor.merge_size ** 2
+    return first.replace(processor.image_token, processor.image_token * n_img), ask, nxt[len(eos):]
+
+
+def tokenize(convs, images, processor, max_len):
+    """Conversations (lists of turns about one image) -> token ids and which of them carry the
+    loss: exactly the assistant's replies, each with its closing <|im_end|> (so the model learns
+    to stop); system, user and image tokens do not. n_prompt = where the first reply starts (a
+    one-turn conversation's prompt, for generation). A conversation over max_len is dropped and
+    counted: cutting it would cut image tokens (the model then breaks) or a reply (half a mask)."""
+    text_tok = processor.tokenizer
+    first, ask, nxt = chat_parts(processor, images[0])
+    pieces = []
+    for conv in convs:
+        for k, turn in enumerate(conv):
+            pieces += [(first if k == 0 else nxt) + turn["prompt"] + ask, turn["answer"] + text_tok.eos_token]
+    ids = iter(text_tok(pieces, add_special_tokens=False)["input_ids"])
+    kept, dropped = [], 0
+    for conv in convs:
+        seq, in_loss = [], []
+        for _ in conv:
+            p, a = next(ids), next(ids)
+            seq += p + a
+            in_loss += [False] * len(p) + [True] * len(a)
+        if len(seq) > max_len:
+            dropped += 1
+            continue
+        kept.append(dict(turns=conv, img=conv[0]["img"], ids=seq, lab=in_loss, n_prompt=in_loss.index(True)))
+    return kept, dropped
+
+
+def micro_batches(lengths, batch_size, seed, pool):
+    """Endless stream of micro-batches (lists of sample indices) with little padding: shuffle,
+    cut into pools of `pool` micro-batches, sort each pool by length, cut it into micro-batches
+    of similar lengths, shuffle their order. Every rank draws the same stream from the seed.
+    Length bucketing rather than packing: packing several conversations into one row would
+    need per-conversation attention masks and M-RoPE restarts, which only FlashAttention's
+    varlen path gives; sorted pools of 64 micro-batches already keep padding near 1%."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm = torch.randperm(len(lengths), generator=g).tolist()
+        batches = []
+        for i in range(0, len(perm), pool * batch_size):
+            chunk = sorted(perm[i:i + pool * batch_size], key=lambda j: lengths[j])
+            batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[b]
+        epoch += 1
+
+
+def collate(samples, images, processor, left_pad=False, visual=None):
+    """Samples -> model inputs and labels. labels = ids on the assistant's tokens, -100 on the
+    prompt (system, user, image) and on padding. mm_token_type_ids marks the visual tokens:
+    transformers needs it to give them M-RoPE's 2D (height, width) positions. visual: the frozen
+    tower's tokens of every image (visual_tokens), passed instead of the pixels."""
+    L = max(len(s["ids"]) for s in samples)
+    ids = torch.full((len(samples), L), processor.tokenizer.pad_token_id)
+    labels = torch.full((len(samples), L), -100)
+    att = torch.zeros((len(samples), L), dtype=torch.long)
+    for k, s in enumerate(samples):
+        n = len(s["ids"])
+        sl = slice(L - n, L) if left_pad else slice(0, n)
+        ids[k, sl] = torch.tensor(s["ids"])
+        att[k, sl] = 1
+        labels[k, sl] = torch.where(torch.tensor(s["lab"], dtype=torch.bool), ids[k, sl], -100)
+    batch = dict(input_ids=ids, attention_mask=att, mm_token_type_ids=(ids == processor.image_token_id).long())
+    if visual is not None:
+        # transformers' documented way in: mm_encoder_outputs = what get_image_features returns
+        idx = [s["img"] for s in samples]
+        out = dict(pooler_output=(visual["tokens"][idx].flatten(0, 1),))
+        if visual["deep"]:      # Qwen3-VL's DeepStack: early ViT blocks feed the first LLM layers too
+            out["deepstack_features"] = [(d[idx].flatten(0, 1),) for d in visual["deep"]]
+        batch.update(image_grid_thw=visual["grid"].expand(len(samples), 3), mm_encoder_outputs={"image": visual["cls"](**out)})
+        return batch, labels
+    # the real Qwen image processor: resize, CLIP mean/std, patchify into (patches, 3*2*p*p) rows
+    vis = processor.image_processor(images=[images[s["img"]] for s in samples], return_tensors="pt")
+    batch.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+    return batch, labels
+
+
+@torch.no_grad()
+def visual_tokens(model, processor, images, device, batch=64):
+    """What the frozen vision tower (merger included) says about every training image, computed
+    once: with nothing in it training, its output is a fixed function of the image, and running
+    it again for every sample of a single-turn batch of 16 took a step from 63 to 87 ms on CPU."""
+    vis, tokens, deep = vision_tower(model), [], []
+    for i in range(0, len(images), batch):
+        px = processor.image_processor(images=list(images[i:i + batch]), return_tensors="pt").to(device)
+        out = vis(px["pixel_values"].to(vis.dtype), grid_thw=px["image_grid_thw"])
+        n = len(px["image_grid_thw"])
+        tokens.append(out.pooler_output.view(n, -1, out.pooler_output.shape[-1]))
+        deep.append([d.view(n, -1, d.shape[-1]) for d in getattr(out, "deepstack_features", None) or []])
+    return dict(tokens=torch.cat(tokens), deep=[torch.cat(d) for d in zip(*deep)], cls=type(out), grid=px["image_grid_thw"][:1])
+
+
+@torch.no_grad()
+def generate(model, processor, samples, images, max_new_tokens, batch):
+    """Greedy decoding, batched with left padding (sorted by length to pad little); returns the
+    generated text of each sample, special tokens kept (they carry the grounding), cut at <|im_end|>."""
+    text_tok = processor.tokenizer
+    out = [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["ids"]))
+    for i in progress(range(0, len(order), batch), "generating", total=-(-len(order) // batch)):
+        idx = order[i:i + batch]
+        prompts = [dict(samples[j], ids=samples[j]["ids"][:samples[j]["n_prompt"]], lab=[False] * samples[j]["n_prompt"])
+                   for j in idx]
+        inputs, _ = collate(prompts, images, processor, left_pad=True)
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=text_tok.pad_token_id, eos_token_id=text_tok.convert_tokens_to_ids(list(END_OF_TURN)))
+        for j, row in zip(idx, gen[:, inputs["input_ids"].shape[1]:]):
+            out[j] = cut_at_end(text_tok.decode(row, skip_special_tokens=False))
+    return out
+
+
+# ----------------------------------------------------------------------------- models and checkpoints
+def load_pretrained(path, cfg):
+    """A released (or previously saved) Qwen-VL and its processor, through the same Auto classes a
+    user would call. The image processor is pinned to image_size^2 pixels: fixed-size images give
+    a fixed number of visual tokens, which the data pipeline relies on."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a Qwen-VL model from {path!r}: {str(e).splitlines()[0]}")
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    if cfg["image_size"] % factor:
+        raise UserError(f"--image_size={cfg['image_size']} must be a multiple of patch x merge = {factor} for {path}")
+    ip.size = {"shortest_edge": cfg["image_size"] ** 2, "longest_edge": cfg["image_size"] ** 2}
+    return model, processor
+
+
+def resolve_init(path):
+    """Stage 2's output folder or its model/ subfolder -> the model folder; one clear line for a
+    missing or wrong-stage checkpoint."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "ckpt.pt")):
+        f = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
+        try:
+            ck = read_checkpoint(f)
+            stage = ck.get("stage") if isinstance(ck, dict) else None
+        except UserError:
+            stage = None
+        what = "the Stage-1 tokenizer checkpoint" if stage == "tokenizer" else "a file, not a model folder"
+        raise UserError(f"--init_from={path} is {what}; it takes the Stage-2 folder that sft.py writes (out/sft)")
+    if os.path.isdir(os.path.join(path, "model")):
+        path = os.path.join(path, "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"no Stage-2 checkpoint at {path}: run `python sft.py` first (or pass --init_from=FOLDER)")
+    return path
+
+
+def load_model(path, cfg):
+    """A saved Stage-2 (or Stage-3) model through the Auto classes, checked to speak in mask words."""
+    model, processor = load_pretrained(path, cfg)
+    text_tok = processor.tokenizer
+    vocab = text_tok.get_vocab()
+    if not all(w in vocab for w in mask_tokens()):
+        raise UserError(f"{path} is not a Stage-2 checkpoint: its vocabulary has no mask words "
+                        f"({MASK_START} ... {MASK_END}); run sft.py on it first")
+    if "<|im_end|>" not in vocab:
+        raise UserError(f"{path}: the tokenizer has no <|im_end|>, so a rollout could never end its turn")
+    if max(text_tok.convert_tokens_to_ids(mask_tokens())) >= model.get_input_embeddings().weight.shape[0]:
+        raise UserError(f"{path}: the embedding matrix is smaller than the vocabulary with mask words")
+    return model, processor
+
+
+def set_trainable(model, cfg):
+    """What trains: the LLM, and of the vision tower what the config says. freeze_vision (the
+    paper) freezes the tower but trains its merger, the projector. tower_frozen (set by sft.py
+    for a config-built tower after pretrain_vision, and saved with the checkpoint, so grpo.py
+    keeps it) freezes the whole tower, merger included: trained by the LM's gradient from the
+    start, its visual tokens collapse to a constant (see pretrain_vision)."""
+    for name, p in vision_tower(model).named_parameters():
+        p.requires_grad = not cfg.get("tower_frozen") and (not cfg["freeze_vision"] or "merger" in name)
+
+
+def parallelize(model, cfg, world, device):
+    """One process: the model itself. Several: FSDP2 with --fsdp (each decoder layer and vision
+    block its own unit, so only one layer's full weights exist at a time: all-gathered before its
+    forward, freed after; the root unit holds the rest - embeddings, merger, LM head; bf16
+    compute, fp32 gradient reduction on GPU), else DDP (every rank holds the whole model;
+    gradients are averaged in buckets during backward). grpo.py wraps its policy the same way."""
+    if cfg["fsdp"] and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+            else MixedPrecisionPolicy()
+        for block in list(vision_tower(model).blocks) + list(decoder_layers(model)):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        return fully_shard(model, mesh=mesh, mp_policy=mp)
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+STAGE_CONFIG = "stage_config.json"   # beside the weights: the config of the stage that wrote them
+
+
+def stage_config(folder):
+    """The config sft.py or grpo.py saved beside a model ({} if there is none: a released model)."""
+    p = os.path.join(folder, STAGE_CONFIG)
+    if not os.path.isfile(p):
+        return {}
+    try:
+        stage = read_json(p)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} is unreadable ({e}): the checkpoint is damaged")
+    if not isinstance(stage, dict):
+        raise UserError(f"{p} is not a stage config: the checkpoint is damaged")
+    return stage
+
+
+def save_checkpoint(model, opt, processor, cfg, step, path):
+    """save_pretrained (model + processor) + optimizer state, into path.tmp, then swapped in:
+    a crash mid-save leaves the previous checkpoint whole (or path.old, which --resume finds)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    # full, unsharded tensors gathered on rank 0 (a collective under FSDP: every rank calls it)
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_master():
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, state_dict=msd)
+        processor.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": osd, "config": cfg}, os.path.join(tmp, "train_state.pt"))
+        write_json(os.path.join(tmp, STAGE_CONFIG), cfg)
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def resume_dir(model_dir):
+    """The checkpoint to resume from: model_dir, or model_dir.old, which exists alone only after a
+    crash between the two renames of a save. Returns (folder, its train_state.pt: step, optimizer
+    state and config, plain tensors and containers, read with weights_only=True)."""
+    src = model_dir if os.path.exists(model_dir) else model_dir + ".old"
+    if not os.path.exists(os.path.join(src, "train_state.pt")):
+        raise UserError(f"--resume: no checkpoint in {model_dir}")
+    return src, read_checkpoint(os.path.join(src, "train_state.pt"))
+
+
+# ----------------------------------------------------------------------------- the Stage-2/3 data
+def file_hash(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scene_codes(mask_tok, cfg, split, scenes):
+    """The tokenizer's codes of every mask of (seed, scene) pairs, encoded once and cached on
+    disk (in cfg["out_dir"]) under a key made of the tokenizer checkpoint's content hash, the
+    data spec, the split and the seeds."""
+    seeds = [seed for seed, _ in scenes]
+    key = hashlib.sha1(f"{file_hash(mask_tok.checkpoint)}|{cfg['data']}|{split}|{seeds}".encode())
+    path = os.path.join(cfg["out_dir"], f"codes_{key.hexdigest()[:12]}.pt")
+    if os.path.exists(path):
+        return read_checkpoint(path)
+    t0 = time.time()
+    codes = [mask_tok.encode(s["image"], s["masks"]).cpu().short() for _, s in progress(scenes, f"encoding {split} masks")]
+    atomic_save(codes, path)
+    print(f"encoded the masks of {len(scenes)} {split} scenes with the tokenizer in {time.time() - t0:.0f} s -> {path}")
+    return codes
+
+
+def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False):
+    """The first n scenes of a split of cfg["data"] (data.open_dataset: the shapes world by default)
+    -> (images (n, S, S, 3) uint8 at the VLM's input size S = cfg["image_size"], samples with
+    their image index, scenes as (seed, scene), codes). extra_none: more no-target phrases a
+    training scene (data.tasks.absent_refs). The masks are only kept for the test split (the
+    evaluation decodes against them at each image's own size) or when asked (keep_masks)."""
+    from itertools import islice
+    from data import open_dataset
+    skipped = Counter()
+    scenes = [(scene_seed(s["id"]), s) for s in islice(open_dataset(cfg["data"], skipped, split=split), n)]
+    if not scenes:
+        raise UserError(f"--data={cfg['data']}: no usable scene in the {split} split")
+    codes = scene_codes(mask_tok, cfg, split, scenes)
+    samples = []
+    for k, ((seed, s), c) in enumerate(zip(scenes, codes)):
+        if split == "train" and extra_none and "refs" in s:
+            s = dict(s, refs=s["refs"] + absent_refs(seed, s, extra_none))
+        samples += [dict(x, img=k) for x in scene_samples(seed, s, c.long().numpy(), tasks)]
+    # every image is shown to the VLM at image_size^2 (the processor would resize it anyway)
+    images = np.stack([resize_image(s["image"], cfg["image_size"]) for _, s in scenes])
+    if split == "train" and not keep_masks:
+        scenes = [(seed, {k: v for k, v in s.items() if k != "masks"}) for seed, s in scenes]
+    return images, samples, scenes, codes
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
+    """Greedy generation on the first n test scenes, scored through the tokenizer's decoder.
+    Reads cfg keys data, image_size, out_dir (codes cache), eval_batch. Returns:
+    refer_miou / refer_ciou: GRES-style, prediction = union of the decoded masks vs the union of
+      the targets, empty target & empty prediction -> IoU 1; cIoU = sum I / sum U (all referring
+      prompts: single, multi and no-target; per kind as refer_miou_<kind>);
+    nacc: no-target prompts answered with no mask; exact_match: generated codes == the tokenizer's
+      codes of the targets (prompts with targets); caption_attr_acc: colour, shape and size words
+      of the object right in the generated region caption (mean over the three);
+    tokenizer_ceiling_miou: the same mIoU with decode(encode(targets)): what perfect words give.
+    Masks and metrics are at each scene's own size, whatever size the VLM saw the image at."""
+    was_training = model.training
+    model.eval()
+    images, samples, scenes, codes = load_world("test", n, mask_tok, cfg, ("refer", "caption"))
+    samples, _ = tokenize([[s] for s in samples], images, processor, max_len=10 ** 9)   # one turn each
+    samples = [dict(c["turns"][0], **c) for c in samples]
+    refer = [s for s in samples if s["task"] == "refer"]
+    caps = [s for s in samples if s["task"] == "caption"]
+    t0 = time.time()
+    # a mask is 4 tokens: room for every target of the split (at least 6) and the end of turn
+    most = max([len(s["targets"]) for s in refer] + [6])
+    refer_text = generate(model, processor, refer, images, 4 * most + 2, cfg["eval_batch"])
+    # a caption is ~10 words: "a small red circle at the top left."
+    cap_text = generate(model, processor, caps, images, 24, cfg["eval_batch"])
+    gen_seconds = time.time() - t0
+
+    # Masks are text: parse the generated words (tolerantly: PAPER.md section 2's repairs), then
+    # decode them with the Stage-1 decoder over the scene's own image. Per scene one decode call for
+    # every predicted mask of every prompt, and one for decode(encode(GT)) = the tokenizer's ceiling.
+    pred_codes = [[c for c in text_to_codes(t) if c != (-1, -1)] for t in refer_text]
+    by_scene = {}
+    for k, s in enumerate(refer):
+        by_scene.setdefault(s["img"], []).append(k)
+    pred_masks, ious, inter, union = [None] * len(refer), np.zeros(len(refer)), 0, 0
+    ceiling = np.zeros(len(refer))
+    for img, ks in progress(by_scene.items(), "decoding masks"):
+        image, gt_masks = scenes[img][1]["image"], scenes[img][1]["masks"]
+        empty = np.zeros(image.shape[:2], bool)          # no target / no prediction, at the scene's size
+        flat = [c for k in ks for c in pred_codes[k]]
+        dec = mask_tok.decode(image, np.array(flat).reshape(-1, 2)) if flat else empty[None, :0]
+        rebuilt = mask_tok.decode(image, codes[img].long().numpy())   # decode(encode(GT)), per object
+        pos = 0
+        for k in ks:
+            t = refer[k]["targets"]
+            gt = gt_masks[t].any(0) if t else empty
+            pred = dec[pos:pos + len(pred_codes[k])].any(0) if pred_codes[k] else empty
+            pos += len(pred_codes[k])
+            ious[k] = iou(pred[None], gt[None])[0]           # empty GT & empty prediction -> 1
+            ceiling[k] = iou((rebuilt[t].any(0) if t else empty)[None], gt[None])[0]
+            inter, union = inter + (pred & gt).sum(), union + (pred | gt).sum()
+            pred_masks[k] = pred
+    kinds = np.array([s["kind"] for s in refer])
+    none = kinds == "none"    # N-acc: a no-target prompt is right when no mask at all comes back
+    # The key learnable quantity: did the VLM say exactly the tokenizer's words for the targets?
+    # (A near miss can still decode to a good mask: neighbouring codes of the same colour often
+    # paint the same object, which is why mIoU can run ahead of this number.)
+    exact = [pred_codes[k] == text_to_codes(s["answer"]) for k, s in enumerate(refer) if s["targets"]]
+    # region captions: which colour / shape / size word the caption uses, against the object's
+    attr_hits = []
+    for s, text in zip(caps, cap_text):
+        words = text.lower().replace(".", " ").split()
+        for key, vocab in ATTRS.items():
+            said = [w for w in words if w in vocab]
+            attr_hits.append(said[:1] == [s["obj"].get(key)])
+    metrics = dict(
+        refer_miou=float(ious.mean()), refer_ciou=float(inter / max(union, 1)),
+        **{f"refer_miou_{k}": float(ious[kinds == k].mean()) for k in ("single", "multi", "none") if (kinds == k).any()},
+        nacc=float(np.mean([not pred_codes[k] for k in np.flatnonzero(none)])) if none.any() else None,
+        exact_match=float(np.mean(exact)) if exact else None,
+        caption_attr_acc=float(np.mean(attr_hits)) if attr_hits else None,
+        tokenizer_ceiling_miou=float(ceiling.mean()),
+        eval_scenes=n, eval_refer=len(refer), eval_captions=len(caps), eval_generate_seconds=gen_seconds)
+    if gallery:
+        shown = [k for k in range(len(refer)) if refer[k]["targets"]][:8]
+        save_gallery(gallery, [(scenes[refer[k]["img"]][1], refer[k], ious[k], refer_text[k], pred_masks[k]) for k in shown])
+    model.train(was_training)
+    return metrics
+
+
+def save_gallery(path, rows):
+    """A PNG of (scene, sample, IoU, generated text, predicted mask) rows: image | ground truth |
+    prediction at the scene's own size (shown at least 256 px high), the phrase and words underneath."""
+    from PIL import Image, ImageDraw
+    strips = []
+    for scene, s, score, text, pred in rows:
+        image = scene["image"]
+        row = np.concatenate([image, overlay(image, scene["masks"][s["targets"]]), overlay(image, pred[None])], 1)
+        zoom = max(1, -(-256 // image.shape[0]))
+        row = Image.fromarray(row).resize((row.shape[1] * zoom, row.shape[0] * zoom), Image.NEAREST)
+        if strips and row.width != strips[0].width:      # scenes of other sizes: one common width
+            row = row.resize((strips[0].width, max(1, row.height * strips[0].width // row.width)), Image.NEAREST)
+        strip = Image.new("RGB", (row.width, row.height + 28), "white")
+        draw = ImageDraw.Draw(strip)
+        draw.text((4, 2), f"{s['phrase']}  (IoU {score:.2f})", fill="black")
+        draw.text((4, 15), text[:110], fill="gray")
+        strip.paste(row, (0, 28))
+        strips.append(strip)
+    if strips:
+        page = Image.new("RGB", (strips[0].width, sum(x.height for x in strips)), "white")
+        y = 0
+        for x in strips:
+            page.paste(x, (0, y))
+            y += x.height
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        page.save(path)
