@@ -40,12 +40,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, iou, lr_at, print0, rank0_first,
+from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, iou, lr_at, print0,
                     read_json, run, set_lr, stop_early, write_json)
 from data.tasks import NO_TARGET
 from samtok import load_tokenizer, text_to_codes
-from vlm import (END_OF_TURN, collate, cut_at_end, evaluate, load_model, load_world, micro_batches, parallelize,
-                 resolve_init, resume_dir, save_checkpoint, set_trainable, stage_config, tokenize, unwrap)
+from vlm import (banned_tokens, batch_logps, completion_batch, completion_text, evaluate, gt_union, load_model,
+                 load_prompts, metrics_line, micro_batches, parallelize, resolve_init, resume_dir, rollout,
+                 save_checkpoint, set_trainable, stage_config, tokenize_prompts, unwrap, vision_tower, visual_tokens)
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -72,6 +73,7 @@ DEFAULTS = dict(
     eps_low=0.2, eps_high=0.2,  # the clip range of the ratio: [1 - eps_low, 1 + eps_high] (DAPO: eps_high 0.28)
     beta=0.2,                   # weight of the k3 KL to the frozen start model (0: no reference model at all)
     num_iterations=1,           # mu: policy updates per batch of rollouts (old log-probs kept from the sampling policy)
+    share_prefix=True,          # the training forwards run each prompt once for its completions (vlm.shared_prefix_logps)
     # optimisation
     steps=150,                  # rollout steps
     batch_size=64,              # completions per step, all ranks together: batch_size / G prompts per step
@@ -172,8 +174,6 @@ def advantages(R, scale="group"):
     return A, (R == R[:, :1]).all(1)
 
 # ----------------------------------------------------------------------------- the loss
-
-
 def policy_loss(logp, old_logp, ref_logp, adv, mask, cfg, n_seqs, n_tokens, weight=None):
     """The GRPO objective of one micro-batch, as a loss (to minimise). logp, old_logp, ref_logp
     (N, L): log-probs of the sampled tokens under the policy, the policy that sampled them and
@@ -217,87 +217,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, cfg, n_seqs, n_tokens, weig
     return loss, stats
 
 
-def banned_tokens(processor, rows, device):
-    """(rows,) 0 / -inf: what the policy may not write. The vision placeholders (an <|image_pad|>
-    in an answer would be taken for a slot of image features by the next forward) and the padding
-    rows of the embedding matrix past the tokenizer (no text at all). Applied when sampling and
-    when scoring, so the log-probs are those of the distribution the tokens were drawn from."""
-    text_tok = processor.tokenizer
-    bias = torch.zeros(rows, device=device)
-    bias[len(text_tok):] = -math.inf
-    bias[text_tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])] = -math.inf
-    return bias
-
-
-def completion_logps(model, batch, n_comp, temperature, bias):
-    """log pi(o_t | q, o_<t) of every completion token: (N, n_comp), right-aligned like the batch.
-    Only the last n_comp + 1 positions go through the LM head. The temperature divides the logits
-    as in sampling, so the ratio compares the distributions the tokens came from."""
-    logits = model(**batch, use_cache=False, logits_to_keep=n_comp + 1).logits[:, :-1].float() / temperature + bias
-    ids = batch["input_ids"][:, -n_comp:]
-    return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
-
-# ----------------------------------------------------------------------------- rollouts
-
-
-@torch.no_grad()
-def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, generator, sync=False):
-    """G sampled completions for each prompt (prompt 0's G first): dicts with ids (token ids, ending
-    with the end-of-turn token unless cut at max_new_tokens: finished False) and logps (each
-    token's log-prob under the sampling distribution, softmax(logits / temperature)). The prompt - image included - is
-    encoded once: one prefill over the B prompts, then the KV cache is repeated G times (B*G rows)
-    and the completions are sampled token by token on it. Positions are M-RoPE's: the prompt's come
-    from the model's own get_rope_index (2D for the image, 1D for text), and each new token takes
-    the next text position, as a forward over the whole sequence would give it.
-    sync: under FSDP every rank must run the same number of forwards, so all ranks decode until
-    every rank is done."""
-    text_tok = processor.tokenizer
-    eos = torch.tensor(text_tok.convert_tokens_to_ids(list(END_OF_TURN)), device=model.device)
-    inputs, _ = collate(prompts, images, processor, left_pad=True)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
-    out = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    cache.batch_repeat_interleave(G)                          # rows: prompt 0 x G, prompt 1 x G, ...
-    N = len(prompts) * G
-    att = inputs["attention_mask"].repeat_interleave(G, 0)
-    nxt = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(G)     # (N,) next text position
-    logits = out.logits[:, -1].repeat_interleave(G, 0)
-    bias = banned_tokens(processor, logits.shape[-1], logits.device)
-    done = torch.zeros(N, dtype=torch.bool, device=model.device)
-    tokens, logps = [], []
-    for t in range(max_new_tokens):
-        logprobs = torch.log_softmax(logits.float() / temperature + bias, -1)
-        new = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
-        new = torch.where(done, text_tok.pad_token_id, new)
-        tokens.append(new)
-        logps.append(logprobs.gather(1, new[:, None]).squeeze(1))
-        done = done | torch.isin(new, eos)
-        left = (~done).sum()
-        if sync:
-            dist.all_reduce(left)
-        if left == 0 or t == max_new_tokens - 1:
-            break
-        att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
-        out = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, N, 1).expand(3, N, 1),
-                    cache=cache, use_cache=True)
-        logits = out.logits[:, -1]
-    tokens, logps, ends = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist(), set(eos.tolist())
-    comps = []
-    for row, lp in zip(tokens, logps):
-        end = next((i for i, x in enumerate(row) if x in ends), None)
-        n = end + 1 if end is not None else len(row)
-        comps.append(dict(ids=row[:n], logps=lp[:n], finished=end is not None))
-    return comps
-
-
-def completion_text(processor, ids):
-    """The answer text of a completion: decoded with special tokens kept (they carry the
-    grounding), without the end-of-turn token."""
-    return cut_at_end(processor.tokenizer.decode(ids, skip_special_tokens=False))
-
-
+# ----------------------------------------------------------------------------- scoring the rollouts
 def score_rollouts(rows, prompts, cfg, decode=None, gt_union=None):
     """Rewards of completions: rows are dicts with prompt (index), text, finished. For the iou
     reward, decode(img, codes (M, 2)) -> the decoded masks (M, H, W) and gt_union(prompt) -> the
@@ -330,42 +250,44 @@ def score_rollouts(rows, prompts, cfg, decode=None, gt_union=None):
     return R
 
 # ----------------------------------------------------------------------------- one update
-
-
-def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref=None, lr=None):
+def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref=None, lr=None, visual=None, times=None):
     """num_iterations optimizer steps on one batch of rollouts. rows: the step's completions that
     carry a loss (main drops the groups of all-equal rewards when beta = 0: their advantage is 0),
     every rank holding the same list, each a dict with prompt, ids (completion token ids) and adv. Rows are cut into micro-batches of micro_batch completions;
     micro-batch j goes to rank j % world. Every rank runs the same number of forward / backward
     passes (a rank left without a micro-batch runs the first one with weight 0), so DDP's and
     FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
-    high-clipped, tokens]."""
-    device = next(net.parameters()).device
+    high-clipped, tokens]. times (a dict, optional) receives the seconds of each part."""
+    device, times = next(net.parameters()).device, {} if times is None else times
+
+    def lap(part, t0):                  # seconds since t0 into times[part], the GPU's queue drained first
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[part] = times.get(part, 0.0) + time.time() - t0
+        return time.time()
     chunks = [rows[i:i + cfg["micro_batch"]] for i in range(0, len(rows), cfg["micro_batch"])]
     per_rank = math.ceil(len(chunks) / world)
-    mine = [(chunks[j], 1.0) if j < len(chunks) else (chunks[0], 0.0) for j in range(rank, per_rank * world, world)]
+    my_chunks = [(chunks[j], 1.0) if j < len(chunks) else (chunks[0], 0.0) for j in range(rank, per_rank * world, world)]
     # the normalisers of the loss count the whole step, so the micro-batch losses add up to it
     n_seqs, n_tokens = len(rows), sum(len(r["ids"]) for r in rows)
-    batches = []
-    for chunk, w in mine:
-        samples = [dict(img=prompts[r["prompt"]]["img"], ids=prompts[r["prompt"]]["ids"] + r["ids"],
-                        lab=[False] * len(prompts[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in chunk]
-        batch, labels = collate(samples, images, processor, left_pad=True)   # completions right-aligned
-        n = max(len(r["ids"]) for r in chunk)
-        batches.append(dict(batch={k: v.to(device) for k, v in batch.items()}, n=n,
-                            mask=(labels[:, -n:] != -100).float().to(device),
-                            adv=torch.tensor([r["adv"] for r in chunk], device=device),
-                            weight=torch.full((len(chunk),), w, device=device)))
+    # The shared prefix (vlm.shared_prefix_logps): a micro-batch's completions run on one forward
+    # of each of its prompts, the image included, instead of one forward of prompt + completion
+    # each. Gradient checkpointing drops the key/value cache in training: then nothing is shared.
+    share = cfg["share_prefix"] and not cfg["grad_checkpointing"]
+    batches = [dict(completion_batch(chunk, prompts, images, processor, share, device, visual),
+                    adv=torch.tensor([r["adv"] for r in chunk], device=device),
+                    weight=torch.full((len(chunk),), w, device=device)) for chunk, w in my_chunks]
     model = unwrap(net)
     bias = banned_tokens(processor, model.get_output_embeddings().weight.shape[0], device)
-    logps = lambda m, b: completion_logps(m, b["batch"], b["n"], cfg["temperature"], bias)
+    logps = lambda m, b: batch_logps(m, b, cfg["temperature"], bias)
+    t = time.time()
     with torch.no_grad():
         for b in batches:
             # mu > 1: the log-probs of the policy that sampled (pi_old), kept through the mu updates.
             # mu = 1: pi_old is the policy itself, so ratio = 1 and the clip never bites (taken below).
             b["old"] = logps(net, b) if cfg["num_iterations"] > 1 else None
             b["ref"] = logps(ref, b) if ref is not None else None
-    stats = torch.zeros(4, device=device)
+    t, stats = lap("reference", t), torch.zeros(4, device=device)
     for it in range(cfg["num_iterations"]):
         if lr is not None:
             set_lr(opt, lr(it))
@@ -377,79 +299,42 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
             logp = logps(net, b)
             old = b["old"] if b["old"] is not None else logp.detach()
             loss, s = policy_loss(logp, old, b["ref"], b["adv"], b["mask"], cfg, n_seqs, n_tokens, b["weight"])
+            t = lap("policy forward", t)
             (loss * world).backward()           # DDP / FSDP average gradients over ranks: undo it
+            t = lap("backward", t)
             if it == cfg["num_iterations"] - 1:
                 stats += s
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t = lap("optimizer", t)
     if world > 1:
         dist.all_reduce(stats)
     return stats
 
-# ----------------------------------------------------------------------------- data
-def load_prompts(cfg, mask_tok):
-    """The segmentation prompts of the train split of cfg["data"] (Stage 2's samples: same
-    templates, same answers - the mask words of the targets from the Stage-1 encoder, or
-    "No target."): dicts with task, prompt, answer, targets, img. Returns (images at the VLM's
-    input size, prompts, scenes as (seed, scene); masks kept only for the iou reward)."""
-    tasks = tuple(cfg["tasks"].split(","))
-    with rank0_first():         # rank 0 encodes the answers' masks and caches the codes first
-        images, samples, scenes, _ = load_world("train", cfg["n_train"], mask_tok, cfg, tasks,
-                                                keep_masks=cfg["reward"] == "iou")
-    prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
-    if not prompts:
-        raise UserError(f"--data={cfg['data']}: no usable prompts for --tasks={cfg['tasks']} in {len(scenes)} train "
-                        f"scenes (refer needs referring expressions, gcg grounded descriptions)")
-    for p in prompts:        # gcg: the targets are the objects its grounded phrases point at
-        if p["task"] == "gcg":
-            p["targets"] = sorted({i for _, _, i in scenes[p["img"]][1]["grounded"]["spans"]})
-    return images, prompts, scenes
-
-
-def gt_union(scene, targets):
-    """The union of a prompt's ground-truth masks, at the scene's own size (no target: empty)."""
-    m = scene["masks"]
-    return m[targets].any(0) if targets else np.zeros(m.shape[1:], bool)
-
-
-def tokenize_prompts(prompts, images, processor):
-    """Token ids of each prompt (chat template, image expanded), up to and including
-    '<|im_start|>assistant\\n': what the policy continues."""
-    convs, _ = tokenize([[p] for p in prompts], images, processor, max_len=10 ** 9)
-    return [dict(p, ids=c["ids"][:c["n_prompt"]], lab=[False] * c["n_prompt"], n_prompt=c["n_prompt"])
-            for p, c in zip(prompts, convs)]
-
-
 # ----------------------------------------------------------------------------- the phases of main
 def check_options(cfg, world):
     """Options that cannot work, as one line each, before anything is loaded or written."""
-    G = cfg["num_generations"]
-    if cfg["reward"] not in REWARDS:
-        raise UserError(f"--reward={cfg['reward']!r}: choose one of {', '.join(REWARDS)}")
-    if cfg["loss_type"] not in LOSS_TYPES:
-        raise UserError(f"--loss_type={cfg['loss_type']!r}: choose one of {', '.join(LOSS_TYPES)}")
-    if cfg["scale_rewards"] not in ("group", "none"):
-        raise UserError(f"--scale_rewards={cfg['scale_rewards']!r}: choose group or none")
-    tasks = cfg["tasks"].split(",")
-    if not tasks or not set(tasks) <= {"refer", "gcg"}:
-        raise UserError(f"--tasks takes a comma list of refer, gcg (the segmentation tasks); got {cfg['tasks']!r}")
-    if G < 2:
-        raise UserError(f"--num_generations={G}: GRPO compares completions within a group, it needs G >= 2")
-    if cfg["batch_size"] % G:
-        raise UserError(f"--batch_size={cfg['batch_size']} is not a multiple of --num_generations={G}: every "
-                        f"prompt's group of G completions must be in the same step")
-    if (cfg["batch_size"] // G) % world:
-        raise UserError(f"--batch_size={cfg['batch_size']} gives {cfg['batch_size'] // G} prompts a step, not a "
-                        f"multiple of the {world} processes: each rank samples the same number of prompts")
-    if cfg["max_new_tokens"] < 1:
-        raise UserError(f"--max_new_tokens={cfg['max_new_tokens']}: a rollout needs at least one token")
-    if cfg["temperature"] <= 0:
-        raise UserError(f"--temperature={cfg['temperature']}: sampling needs a temperature > 0")
-    if cfg["num_iterations"] < 1 or cfg["micro_batch"] < 1 or cfg["steps"] < 1:
-        raise UserError("--num_iterations, --micro_batch and --steps must be >= 1")
-    if not 0 <= cfg["eps_low"] < 1 or cfg["eps_high"] < 0 or cfg["beta"] < 0:
-        raise UserError("the clip range needs 0 <= eps_low < 1 and eps_high >= 0, and beta >= 0")
+    G, B, tasks = cfg["num_generations"], cfg["batch_size"], cfg["tasks"].split(",")
+    for bad, why in (
+            (cfg["reward"] not in REWARDS, f"--reward={cfg['reward']!r}: choose one of {', '.join(REWARDS)}"),
+            (cfg["loss_type"] not in LOSS_TYPES, f"--loss_type={cfg['loss_type']!r}: choose one of {', '.join(LOSS_TYPES)}"),
+            (cfg["scale_rewards"] not in ("group", "none"), f"--scale_rewards={cfg['scale_rewards']!r}: choose group or none"),
+            (not set(tasks) <= {"refer", "gcg"}, f"--tasks takes a comma list of refer, gcg (the segmentation tasks); "
+                                                 f"got {cfg['tasks']!r}"),
+            (G < 2, f"--num_generations={G}: GRPO compares completions within a group, it needs G >= 2"),
+            (B % G, f"--batch_size={B} is not a multiple of --num_generations={G}: every prompt's group of G "
+                    f"completions must be in the same step"),
+            ((B // G) % world, f"--batch_size={B} gives {B // G} prompts a step, not a multiple of the {world} "
+                               f"processes: each rank samples the same number of prompts"),
+            (cfg["max_new_tokens"] < 1, f"--max_new_tokens={cfg['max_new_tokens']}: a rollout needs at least one token"),
+            (cfg["temperature"] <= 0, f"--temperature={cfg['temperature']}: sampling needs a temperature > 0"),
+            (min(cfg["num_iterations"], cfg["micro_batch"], cfg["steps"]) < 1,
+             "--num_iterations, --micro_batch and --steps must be >= 1"),
+            (not 0 <= cfg["eps_low"] < 1 or cfg["eps_high"] < 0 or cfg["beta"] < 0,
+             "the clip range needs 0 <= eps_low < 1 and eps_high >= 0, and beta >= 0")):
+        if bad:
+            raise UserError(why)
 
 
 def load_start(cfg, device):
@@ -480,7 +365,7 @@ def evaluate_before(cfg, model, processor, mask_tok, init, step, device):
         with autocast(device):
             before = evaluate(m.to(device), p, mask_tok, cfg, n=cfg["eval_n"])
         write_json(path, before)
-    print(f"before: {summary(before)}", flush=True)
+    print(f"before: {metrics_line(before)}", flush=True)
     return before
 
 
@@ -492,6 +377,17 @@ def gather_rows(rows, batch_prompts, G, world):
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     return [r for i in range(len(batch_prompts)) for r in gathered[i % world][i // world * G:(i // world + 1) * G]]
+
+
+def step_record(step, R, equal, stats, kl, rows, times, t_upd, seconds):
+    """What history.json keeps of a step: rewards, the KL and clip fractions per token, lengths, and
+    where the step's time went (profile: sampling, reward, reference, policy forward, backward, optimizer)."""
+    tokens = max(float(stats[3]), 1.0)
+    return dict(step=step, reward=float(R.mean()), reward_std=float(R.std(1).mean()),
+                frac_reward_zero_std=float(equal.float().mean()), kl=float(stats[0]) / tokens if kl else None,
+                clip_low=float(stats[1]) / tokens, clip_high=float(stats[2]) / tokens,
+                length=float(np.mean([len(r["ids"]) for r in rows])), truncated=float(np.mean([not r["finished"] for r in rows])),
+                completions=len(rows), gen_seconds=times["sampling"], update_seconds=t_upd, seconds=seconds, profile=times)
 
 
 def log_line(window, step, steps, lr, ref):
@@ -518,23 +414,58 @@ def finish(cfg, history, before, mask_tok, device, t_start):
                    completions_per_s=sum(h["completions"] for h in history) / secs,
                    sampling_fraction=sum(h["gen_seconds"] for h in history) / secs, train_seconds=secs,
                    frac_reward_zero_std=float(np.mean([h["frac_reward_zero_std"] for h in history])),
+                   profile={k: sum(h["profile"].get(k, 0.0) for h in history) / secs for k in history[-1]["profile"]},
                    steps=cfg["steps"], reward=cfg["reward"], loss_type=cfg["loss_type"], preset=cfg["preset"])
     if cfg["eval_n"]:
         m, p = load_model(os.path.join(out, "model"), cfg)
         with autocast(device):
             metrics["after"] = evaluate(m.to(device), p, mask_tok, cfg, n=cfg["eval_n"], gallery=os.path.join(out, "gallery.png"))
-        print(f"after:  {summary(metrics['after'])}")
+        print(f"after:  {metrics_line(metrics['after'])}")
     metrics["wall_seconds"] = time.time() - t_start      # this process, start to end: loading, both evaluations
     write_json(os.path.join(out, "metrics.json"), metrics)
+    print("where a step's time went: " + ", ".join(f"{k} {v:.0%}" for k, v in metrics["profile"].items()))
     print(f"reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f} (mean of the first / last {k} steps) "
           f"| {metrics['completions_per_s']:.0f} completions/s | trained in {metrics['train_seconds']:.0f} s "
           f"| wrote {out}/model, {out}/metrics.json")
 
 
-def summary(m):
-    f = lambda x: "-" if x is None else f"{x:.4f}"
-    return (f"referring mIoU {f(m['refer_miou'])} | cIoU {f(m['refer_ciou'])} | N-acc {f(m['nacc'])} "
-            f"| exact mask words {f(m['exact_match'])}")
+def prepare_policy(model, processor, images, cfg, init, step, world, device, state):
+    """The frozen reference (only with the KL term: always the start model, also on resume), what
+    trains (as Stage 2 decided), DDP / FSDP2, AdamW (its state restored on resume), and a frozen
+    tower's tokens of every training image (the tiny preset: a fixed function of the image, the
+    same in the reference), computed once. -> (net, opt, ref, visual tokens or None)."""
+    ref = (load_model(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval().requires_grad_(False) \
+        if cfg["beta"] > 0 else None
+    set_trainable(model, cfg)
+    if cfg["grad_checkpointing"]:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    net = parallelize(model.to(device), cfg, world, device)
+    opt = adamw(net.parameters(), cfg["lr"], cfg["weight_decay"], cfg["beta2"])
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    frozen = not any(p.requires_grad for p in vision_tower(model).parameters())
+    return net, opt, ref, visual_tokens(model, processor, images, device) if frozen else None
+
+
+def sample_and_score(model, processor, mask_tok, prompts, images, scenes, my_prompts, cfg, gen, device, world, visual):
+    """G completions for each of this rank's prompts (vlm.rollout: one shared prefill a prompt),
+    each scored from its text alone (the iou reward decodes over each scene's own image), then
+    gathered: every rank holds the whole step's rows in the step's order."""
+    G, t0 = cfg["num_generations"], time.time()
+    model.eval()
+    with autocast(device):
+        comps = rollout(model, processor, [prompts[j] for j in my_prompts], images, G, cfg["max_new_tokens"],
+                        cfg["temperature"], gen, sync=cfg["fsdp"] and world > 1, visual=visual)
+    model.train()
+    t_gen, t0 = time.time() - t0, time.time()
+    rows = [dict(prompt=j, ids=c["ids"], finished=c["finished"], text=completion_text(processor, c["ids"]))
+            for j, c in zip([j for j in my_prompts for _ in range(G)], comps)]
+    decode = lambda img, codes: mask_tok.decode(scenes[img][1]["image"], codes)
+    truth = lambda p: gt_union(scenes[p["img"]][1], p["targets"])
+    for r, x in zip(rows, score_rollouts(rows, prompts, cfg, decode, truth)):
+        r["reward"] = x
+    return rows, dict(sampling=t_gen, reward=time.time() - t0)
 
 
 # ----------------------------------------------------------------------------- main
@@ -550,55 +481,28 @@ def main():
     mask_tok, init, images, prompts, scenes, model, processor, state = load_start(cfg, device)
     G, step, model_dir = cfg["num_generations"], state["step"] if state else 0, os.path.join(cfg["out_dir"], "model")
     print0(f"policy: {init if not step else model_dir}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-           f"parameters | prompts: {dict(Counter(p['task'] for p in prompts))} | G={G}, "
-           f"{cfg['batch_size'] // G} prompts = {cfg['batch_size']} completions a step" + (f" | resuming from step {step}" if step else ""))
+           f"parameters | prompts: {dict(Counter(p['task'] for p in prompts))} | G={G}, {cfg['batch_size'] // G} "
+           f"prompts = {cfg['batch_size']} completions a step" + (f" | resuming from step {step}" if step else ""))
     before = evaluate_before(cfg, model, processor, mask_tok, init, step, device) if rank == 0 and cfg["eval_n"] else None
     if world > 1:
         dist.barrier()
-    # the frozen reference (only with the KL term): always the start model, also on resume
-    ref = (load_model(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval().requires_grad_(False) \
-        if cfg["beta"] > 0 else None
-    set_trainable(model, cfg)
-    if cfg["grad_checkpointing"]:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    net = parallelize(model.to(device), cfg, world, device)
-    opt = adamw(net.parameters(), cfg["lr"], cfg["weight_decay"], cfg["beta2"])
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    net, opt, ref, visual = prepare_policy(model, processor, images, cfg, init, step, world, device, state)
     hist_path = os.path.join(cfg["out_dir"], "history.json")
     history = read_json(hist_path)[:step] if step and os.path.exists(hist_path) else []
 
     # ---- the loop: every rank draws the same prompts (length-bucketed, from the seed) and samples
     # the completions of its share; rewards and completions are then gathered, so every rank
     # knows the whole step: the advantages, which groups carry a loss, the loss normalisers
-    stream = micro_batches([len(p["ids"]) for p in prompts], cfg["batch_size"] // G, cfg["seed"], 16)
-    for _ in range(step):
-        next(stream)
-    steps, mu, run_steps, window, amp = cfg["steps"], cfg["num_iterations"], 0, [], autocast(device)
-    gen = torch.Generator(device=device)
+    stream = micro_batches([len(p["ids"]) for p in prompts], cfg["batch_size"] // G, cfg["seed"], 16, skip=step)
+    steps, mu, run_steps, window, gen = cfg["steps"], cfg["num_iterations"], 0, [], torch.Generator(device=device)
     while step < steps:
-        # sampling: G completions for each of this rank's prompts, on one shared prefill
+        # sampling and rewards: G completions a prompt, scored from their text alone
         t_step, batch_prompts = time.time(), next(stream)
-        mine = batch_prompts[rank::world]
         gen.manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
-        model.eval()
-        with amp:
-            comps = rollout(model, processor, [prompts[j] for j in mine], images, G, cfg["max_new_tokens"],
-                            cfg["temperature"], gen, sync=cfg["fsdp"] and world > 1)
-        t_gen = time.time() - t_step
-        model.train()
-        # rewards, from the text alone (the iou reward decodes over each scene's own image)
-        rows = [dict(prompt=j, ids=c["ids"], finished=c["finished"], text=completion_text(processor, c["ids"]))
-                for j, c in zip([j for j in mine for _ in range(G)], comps)]
-        decode = lambda img, codes: mask_tok.decode(scenes[img][1]["image"], codes)
-        truth = lambda p: gt_union(scenes[p["img"]][1], p["targets"])
-        for r, x in zip(rows, score_rollouts(rows, prompts, cfg, decode, truth)):
-            r["reward"] = x
+        rows, times = sample_and_score(model, processor, mask_tok, prompts, images, scenes, batch_prompts[rank::world],
+                                       cfg, gen, device, world, visual)
         rows = gather_rows(rows, batch_prompts, G, world)
-        if not any(r["finished"] for r in rows):
-            # the policy does not end its turn (a wrong start checkpoint, or max_new_tokens far too
-            # small); nothing is written, earlier checkpoints stay
+        if not any(r["finished"] for r in rows):   # nothing is written: earlier checkpoints stay
             raise UserError(f"no rollout of step {step + 1} ended within --max_new_tokens={cfg['max_new_tokens']}: the "
                             f"policy never ends its answer with <|im_end|>; raise --max_new_tokens or check --init_from")
         # group-relative advantages: A = (R - mean of the group) / std of the group
@@ -610,20 +514,16 @@ def main():
         # not even forwarded. With the KL term (beta > 0) it stays: the KL to the start model must
         # also hold where the reward says nothing.
         kept = [r for g in range(len(R)) if not equal[g] or ref is not None for r in rows[g * G:(g + 1) * G]]
-        # the update: mu optimizer steps on this batch of rollouts, the lr set per step
+        # the update: mu optimizer steps on this batch of rollouts, the lr set before each
         lr = lambda it: lr_at(step * mu + it, steps * mu, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"])
         lr_now, t_upd = lr(0), time.time()
-        with amp:
-            stats = update(net, opt, kept, prompts, images, processor, cfg, rank, world, ref, lr) if kept else torch.zeros(4)
-        step, run_steps, t_upd, tokens = step + 1, run_steps + 1, time.time() - t_upd, max(float(stats[3]), 1.0)
+        with autocast(device):
+            stats = update(net, opt, kept, prompts, images, processor, cfg, rank, world, ref, lr, visual, times) \
+                if kept else torch.zeros(4)
+        step, run_steps, t_upd = step + 1, run_steps + 1, time.time() - t_upd
         # timing and logging
-        rec = dict(step=step, reward=float(R.mean()), reward_std=float(R.std(1).mean()),
-                   frac_reward_zero_std=float(equal.float().mean()), kl=float(stats[0]) / tokens if ref is not None else None,
-                   clip_low=float(stats[1]) / tokens, clip_high=float(stats[2]) / tokens,
-                   length=float(np.mean([len(r["ids"]) for r in rows])), truncated=float(np.mean([not r["finished"] for r in rows])),
-                   completions=len(rows), gen_seconds=t_gen, update_seconds=t_upd, seconds=time.time() - t_step)
-        history.append(rec)
-        window.append(rec)
+        history.append(step_record(step, R, equal, stats, ref is not None, rows, times, t_upd, time.time() - t_step))
+        window.append(history[-1])
         if step % cfg["log_every"] == 0 or step == steps or step == 1:
             print0(log_line(window, step, steps, lr_now, ref), flush=True)
             window = []

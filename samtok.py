@@ -298,6 +298,24 @@ class SAMTok(nn.Module):
         return (up[:, 0] > self.config.mask_threshold).cpu().numpy()
 
 
+    # ---- SAM2 as SAM2: a box prompt -> mask (tokenizer.py pretrains the tiny preset's SAM2 with it)
+    def box_logits(self, embed, hires, boxes, dense_box=None):
+        """SAM2 prompted with boxes (B, 4): the box as its two corner points, and for the samples
+        where dense_box (B,) is True also drawn as a dense mask prompt. The dense box tells the
+        decoder where to look from step one, so pretraining spends its steps on what an object is;
+        the corner-only samples keep teaching the sparse-token path, the one the code token uses."""
+        pe = self.sam_prompt_encoder
+        sparse, dense = pe(points=self.box_points(boxes), boxes=None, masks=None)
+        if dense_box is not None and dense_box.any():
+            g4, S = 4 * self.grid, self.config.image_size
+            c = (torch.arange(g4, device=boxes.device) + 0.5) * S / g4               # cell centres
+            inx = (c[None] >= boxes[:, 0:1]) & (c[None] <= boxes[:, 2:3])             # (B, 4g)
+            iny = (c[None] >= boxes[:, 1:2]) & (c[None] <= boxes[:, 3:4])
+            drawn = pe.mask_downscaling((iny[:, :, None] & inx[:, None, :]).float()[:, None])
+            dense = torch.where(dense_box.view(-1, 1, 1, 1), drawn, dense.expand_as(drawn))
+        return self._mask_decoder(embed, hires, sparse, dense)
+
+
 def boxes_of(masks):
     """(N, H, W) bool -> (N, 4) float xyxy tight boxes (x2, y2 exclusive), as torch."""
     from data.jsonl import boxes_from_masks  # the one definition of a mask's tight box

@@ -39,8 +39,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tiny_vlm
-from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, lr_at, print0, rank0_first, run,
-                    set_lr, stop_early, write_json)
+from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, is_master, lr_at, print0,
+                    rank0_first, run, set_lr, stop_early, write_json)
 from data.tasks import conversations, text_corpus
 from samtok import codes_to_text, load_tokenizer, mask_tokens
 from vlm import (collate, evaluate, load_pretrained, load_world, micro_batches, parallelize, resume_dir, save_checkpoint,
@@ -212,10 +212,11 @@ def setup(cfg, mask_tok, tasks, model_dir):
     return model, processor, images, convs, word_ids, state, dropped
 
 
-def prepare_training(model, processor, images, cfg, world, device, state):
+def prepare_training(model, processor, images, convs, cfg, world, device, state):
     """What trains (the paper: the projector + LLM; the tiny preset's pretrained tower stays
     frozen, merger included), the frozen tower's tokens computed once, DDP / FSDP2, AdamW
-    (its state restored on resume). -> (net, opt, params, visual tokens or None)."""
+    (its state restored on resume), and the stream of length-bucketed micro-batches (positioned
+    after what a resumed run already trained on). -> (net, opt, params, visual tokens or None, stream)."""
     cfg["tower_frozen"] = not cfg["base_model"] and cfg["vision_pretrain_steps"] > 0
     set_trainable(model, cfg)
     if cfg["grad_checkpointing"]:
@@ -231,13 +232,20 @@ def prepare_training(model, processor, images, cfg, world, device, state):
     if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    return net, opt, params, visual
+    step, accum = state["step"] if state else 0, cfg["grad_accum"]
+    print0(f"global batch: {cfg['batch_size'] * accum * world} conversations a step"
+           + (f"; resuming from step {step}" if step else ""))
+    stream = micro_batches([len(c["ids"]) for c in convs], cfg["batch_size"], cfg["seed"], cfg["bucket_pool"],
+                           skip=step * accum * world)
+    return net, opt, params, visual, stream
 
 
 def final_evaluation(cfg, mask_tok, device, padding, dropped, train_seconds):
     """The model as saved (it checks the saved format too), loaded fresh as grpo.py or any user
-    would, scored on the test split; writes metrics.json and gallery.png."""
+    would, scored on the test split on rank 0; writes metrics.json and gallery.png."""
     out, model_dir = cfg["out_dir"], os.path.join(cfg["out_dir"], "model")
+    if not is_master() or not cfg["eval_n"]:
+        return print0(f"done in {train_seconds:.0f} s; padding {padding:.1%}")
     model, processor = load_pretrained(model_dir, cfg)
     with autocast(device):
         m = evaluate(model.to(device), processor, mask_tok, cfg, n=cfg["eval_n"], gallery=os.path.join(out, "gallery.png"))
@@ -245,9 +253,10 @@ def final_evaluation(cfg, mask_tok, device, padding, dropped, train_seconds):
              train_seconds=train_seconds, dropped_too_long=dropped, steps=cfg["steps"],
              n_params=sum(p.numel() for p in model.parameters()), preset=cfg["preset"])
     write_json(os.path.join(out, "metrics.json"), m)
+    f = lambda x: "-" if x is None else f"{x:.3f}"       # a dataset without no-target prompts or captions
     print(f"test: referring mIoU {m['refer_miou']:.4f} (tokenizer ceiling {m['tokenizer_ceiling_miou']:.4f}, ratio "
-          f"{m['refer_miou_over_ceiling']:.2f}) | cIoU {m['refer_ciou']:.4f} | N-acc {m['nacc']:.3f} | exact mask words "
-          f"{m['exact_match']:.3f} | caption attributes {m['caption_attr_acc']:.3f}")
+          f"{m['refer_miou_over_ceiling']:.2f}) | cIoU {m['refer_ciou']:.4f} | N-acc {f(m['nacc'])} | exact mask words "
+          f"{f(m['exact_match'])} | caption attributes {f(m['caption_attr_acc'])}")
     print(f"padding {padding:.1%} | trained in {train_seconds:.0f} s | wrote {model_dir}, {out}/metrics.json, {out}/gallery.png")
 
 
@@ -261,16 +270,12 @@ def main():
     t_start, model_dir = time.time(), os.path.join(cfg["out_dir"], "model")
     mask_tok = load_tokenizer(cfg["tokenizer_ckpt"])            # Stage 1: every target mask -> its two words
     model, processor, images, convs, word_ids, state, dropped = setup(cfg, mask_tok, tasks, model_dir)
-    net, opt, params, visual = prepare_training(model, processor, images, cfg, world, device, state)
+    net, opt, params, visual, stream = prepare_training(model, processor, images, convs, cfg, world, device, state)
 
     # ---- the loop: every rank walks the same stream of micro-batches and takes its share
     # (micro-batch j of a step goes to rank j % world), so a step's global batch is the same
-    # set of conversations on 1 process with grad_accum=A*N as on N processes with A each
-    A, steps, step = cfg["grad_accum"], cfg["steps"], state["step"] if state else 0
-    print0(f"global batch: {cfg['batch_size'] * A * world} conversations a step" + (f"; resuming from step {step}" if step else ""))
-    stream = micro_batches([len(c["ids"]) for c in convs], cfg["batch_size"], cfg["seed"], cfg["bucket_pool"])
-    for _ in range(step * A * world):          # resume: skip what was already trained on
-        next(stream)
+    # set of conversations on 1 process with grad_accum=a*N as on N processes with a each
+    accum, steps, step = cfg["grad_accum"], cfg["steps"], state["step"] if state else 0
     n_params, word_ids, amp = sum(p.numel() for p in model.parameters()), word_ids.to(device), autocast(device)
     pad = torch.zeros(2, dtype=torch.float64, device=device)            # padding tokens, all tokens
     t0, run_steps, tokens_window, loss_window, word_window = time.time(), 0, 0, [], torch.zeros(2)
@@ -278,13 +283,13 @@ def main():
     while step < steps:
         # determine and set the learning rate for this step
         lr = set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"]))
-        # forward backward update, with gradient accumulation over this rank's micro-batches.
-        # The loss of a step is the mean over every assistant token of the GLOBAL batch; each rank
-        # knows the whole group, so it counts them without communication. DDP / FSDP average
-        # gradients over ranks, hence the factor world below.
-        group = [next(stream) for _ in range(A * world)]
+        # forward backward update, with gradient accumulation over this rank's micro-batches. The
+        # loss of a step is the mean over every assistant token of the GLOBAL batch: each rank knows
+        # the whole group, so it counts them without communication; DDP / FSDP average gradients
+        # over ranks, hence the factor world below.
+        group = [next(stream) for _ in range(accum * world)]
         n_tok = sum(sum(convs[j]["lab"]) for mb in group for j in mb)
-        loss_sum, words = torch.zeros((), device=device), torch.zeros(2, device=device)
+        totals = torch.zeros(3, device=device)            # summed loss, mask-word hits, mask words
         for micro, mb in enumerate(group[rank::world]):
             batch, labels = collate([convs[j] for j in mb], images, processor, visual=visual)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -293,21 +298,20 @@ def main():
             # DDP all-reduces gradients on the last micro-batch only. FSDP2 reduce-scatters every
             # micro-batch: skipping it would keep full unsharded fp32 gradient sums on every rank.
             if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-                net.require_backward_grad_sync = micro == A - 1
+                net.require_backward_grad_sync = micro == accum - 1
             with amp:
                 loss, hits = token_loss(net, batch, labels.to(device), word_ids)
             (loss * world / n_tok).backward()
-            loss_sum, words = loss_sum + loss.detach(), words + hits
+            totals += torch.cat([loss.detach()[None], hits])
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])   # FSDP: over the sharded grads, globally
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, run_steps = step + 1, run_steps + 1
         # timing and logging: loss, mask-word accuracy, ms/step, tokens/s (MFU on GPU)
         if world > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(words)
-        loss_window.append(loss_sum.item() / n_tok)
-        word_window += words.cpu()
+            dist.all_reduce(totals)
+        loss_window.append(totals[0].item() / n_tok)
+        word_window += totals[1:].cpu()
         if step % cfg["log_every"] == 0 or step == steps or step == 1:
             dt, tok_s = (time.time() - t0) / run_steps, tokens_window * world / (time.time() - t0)
             # MFU: ~6 FLOPs per parameter per token (forward + backward) against the GPUs' peak
@@ -326,11 +330,7 @@ def main():
     cleanup()
 
     # ---- evaluation, on rank 0, of the model as saved
-    train_seconds, padding = time.time() - t_start, float(pad[0] / pad[1].clamp(min=1))
-    if rank == 0 and cfg["eval_n"]:
-        final_evaluation(cfg, mask_tok, device, padding, dropped, train_seconds)
-    else:
-        print0(f"done in {train_seconds:.0f} s; padding {padding:.1%}")
+    final_evaluation(cfg, mask_tok, device, float(pad[0] / pad[1].clamp(min=1)), dropped, time.time() - t_start)
 
 
 if __name__ == "__main__":

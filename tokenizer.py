@@ -28,6 +28,8 @@ out_dir/recon.png (per test scene: image, input masks, 2-code and level-1-only r
 
 import os
 import time
+from collections import Counter
+from itertools import islice
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 from common import (UserError, adamw, atomic_save, autocast, configure, init_distributed, iou, is_master, lr_at, overlay,
                     print0, progress, read_checkpoint, resize_image, run, set_lr, stop_early, write_json)
+from data import open_dataset
 from samtok import SAMTok, boxes_of, load_sam2_checkpoint
 
 # ----------------------------------------------------------------------------- config
@@ -72,15 +75,15 @@ DEFAULTS = dict(
     train_prompt_encoder=True,  # paper: frozen (pretrained); tiny: our SAM2 never saw mask prompts
     train_iou_head=True,        # paper: frozen; tiny: learned so best-of-3 selection works
     mask_threshold=0.0,         # decode threshold on logits (the released scripts use 0.5)
-    eval_every=500, log_every=50, ckpt_every=500,
-    resume=False,
+    eval_every=500, log_every=50, ckpt_every=500, resume=False,
     stop_after=0,               # stop after this many steps of this run (simulates an interruption)
 )
 PRESETS = {
     "tiny": {},
+    # the paper's global batch of 1,024 masks: 16 images x 8 masks a GPU x 8 GPUs
     "paper": dict(sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml", sam2_overrides="",
                   image_size=1024, d_model=256, mlp_dim=2048, cache_features=False,
-                  pretrain_steps=0, steps=129_000, batch_size=128, masks_per_image=8, lr=4e-5, unquantized_steps=0,
+                  pretrain_steps=0, steps=129_000, batch_size=16, masks_per_image=8, lr=4e-5, unquantized_steps=0,
                   kmeans_samples=16384, dead_threshold=1.0, loss_res=0, train_prompt_encoder=False,
                   train_iou_head=False, mask_threshold=0.5, eval_every=5000, ckpt_every=2000,
                   n_train=10_000_000, n_val=200, n_test=1000),
@@ -93,9 +96,6 @@ def load_split(cfg, split):
     """The first n scenes of a split of --data, as a list of scene dicts (image (H, W, 3) uint8,
     masks (N, H, W), ...) read through data.open_dataset (see data/__init__.py). Formats
     without splits of their own are split 90/5/5 by a hash of the image name."""
-    from collections import Counter
-    from itertools import islice
-    from data import open_dataset
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
     spec = cfg["data"]
     if spec == "shapes":    # the world drawn at the model's resolution (up to 512 px)
@@ -129,21 +129,16 @@ class MaskSet:
         counts = torch.bincount(self.scene, minlength=len(scenes))
         self.start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # scene i: start[i]:start[i+1]
 
-    def masks_of(self, scenes, cap=0, generator=None):
-        """All mask indices of the given scenes (at most `cap` random ones per scene when cap > 0),
-        and for each mask its position in `scenes`."""
+    def sample(self, n, cap, generator):
+        """A training batch the way SAM trains: n random images and all (or `cap` random ones) of
+        their masks; the image-level work then runs once per image, not once per mask.
+        -> (scenes (n,), mask indices (M,), each mask's position in scenes (M,))."""
+        scenes = torch.randint(len(self.images), (n,), generator=generator)
         idx = [torch.arange(self.start[s], self.start[s + 1]) for s in scenes.tolist()]
         if cap:
             idx = [ix[torch.randperm(len(ix), generator=generator)[:cap]] for ix in idx]
         pos = torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(idx)])
-        return torch.cat(idx), pos
-
-    def sample(self, n, cap, generator):
-        """A training batch the way SAM trains: n random images and (up to cap of) their masks;
-        the image-level work then runs once per image, not once per mask."""
-        scenes = torch.randint(len(self.images), (n,), generator=generator)
-        idx, img_idx = self.masks_of(scenes, cap, generator)
-        return scenes, idx, img_idx
+        return scenes, torch.cat(idx), pos
 
     def __len__(self):
         return len(self.masks)
@@ -166,9 +161,7 @@ def mask_loss(logits, iou_pred, gt, cfg):
     loss = per[torch.arange(len(per)), per.argmin(1)].mean()
     with torch.no_grad():
         pred = logits > cfg["mask_threshold"]
-        inter = (pred & (t > 0)).sum((-1, -2)).float()
-        union = (pred | (t > 0)).sum((-1, -2)).float()
-        true_iou = inter / union.clamp(min=1)
+        true_iou = (pred & (t > 0)).sum((-1, -2)).float() / (pred | (t > 0)).sum((-1, -2)).float().clamp(min=1)
         chosen_iou = true_iou[torch.arange(len(per)), iou_pred.argmax(1)].mean()
     if cfg["train_iou_head"]:
         loss = loss + F.mse_loss(iou_pred.float(), true_iou)
@@ -194,7 +187,7 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=F
         embed, hires = embed[inv], [h[inv] for h in hires]
         if boxes:
             codes = torch.zeros(len(idx), cfg["levels"], dtype=torch.long)
-            logits, iou_pred = box_prompted_logits(model, embed, hires, ms.boxes[idx].to(dev))
+            logits, iou_pred = model.box_logits(embed, hires, ms.boxes[idx].to(dev))
         else:
             z = model.encode_latent(embed, ms.prompts[idx].to(dev), ms.boxes[idx].to(dev))
             codes = model.rvq.quantize(z)[0]
@@ -204,8 +197,8 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=F
                 z = model.rvq.embed(codes)
             logits, iou_pred = model.decode_logits(embed, hires, z)
         best = logits[torch.arange(len(idx)), iou_pred.argmax(1)][:, None]
-        pred = F.interpolate(best.float(), size=(S, S), mode="bilinear", align_corners=False)[:, 0] > cfg["mask_threshold"]
-        pred = pred.cpu()
+        up = F.interpolate(best.float(), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+        pred = (up > cfg["mask_threshold"]).cpu()
         ious.append(iou(pred.numpy(), ms.masks[idx].numpy()))
         codes_all.append(codes.cpu())
         if return_preds:
@@ -219,10 +212,8 @@ def save_grid(path, ms, preds, preds_l1, n_scenes=8):
     from PIL import Image, ImageDraw
     rows = []
     for s in range(min(n_scenes, len(ms.images))):
-        sel = (ms.scene == s).nonzero()[:, 0]
-        img = ms.images[s]
-        rows.append(np.concatenate([img, overlay(img, ms.masks[sel].numpy()), overlay(img, preds[sel].numpy()),
-                                    overlay(img, preds_l1[sel].numpy())], 1))
+        img, sel = ms.images[s], (ms.scene == s).nonzero()[:, 0]
+        rows.append(np.concatenate([img] + [overlay(img, m[sel].numpy()) for m in (ms.masks, preds, preds_l1)], 1))
     grid = np.concatenate(rows, 0)
     img = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
     page = Image.new("RGB", (img.width, img.height + 24), "white")
@@ -237,26 +228,8 @@ def save_grid(path, ms, preds, preds_l1, n_scenes=8):
 # Only without --sam2_ckpt: no pretrained SAM2 exists for the synthetic world, so one is learnt,
 # SAM-style, from box prompts. The prompt -> mask task forces the image encoder to learn what an
 # object is; the tokenizer later relies on exactly these features (frozen).
-def box_prompted_logits(model, embed, hires, boxes, dense_box=None):
-    """SAM2 prompted with boxes (B, 4): the box as its two corner points, and for the samples where
-    dense_box (B,) is True also drawn as a dense mask prompt. The dense box tells the decoder where
-    to look from step one, so pretraining spends its steps on what an object is; the corner-only
-    samples keep teaching the sparse-token path, the one the tokenizer's code token will use."""
-    pe = model.sam_prompt_encoder
-    sparse, dense = pe(points=model.box_points(boxes), boxes=None, masks=None)
-    if dense_box is not None and dense_box.any():
-        g4, S = 4 * model.grid, model.config.image_size
-        c = (torch.arange(g4, device=boxes.device) + 0.5) * S / g4               # cell centres
-        inx = (c[None] >= boxes[:, 0:1]) & (c[None] <= boxes[:, 2:3])             # (B, 4g)
-        iny = (c[None] >= boxes[:, 1:2]) & (c[None] <= boxes[:, 3:4])
-        drawn = pe.mask_downscaling((iny[:, :, None] & inx[:, None, :]).float()[:, None])
-        dense = torch.where(dense_box.view(-1, 1, 1, 1), drawn, dense.expand_as(drawn))
-    return model._mask_decoder(embed, hires, sparse, dense)
-
-
 class BoxPrompted(nn.Module):
     """The pretraining forward, images in (the image encoder trains too), as a module DDP can wrap."""
-
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -264,15 +237,14 @@ class BoxPrompted(nn.Module):
     def forward(self, x, boxes, img_idx, dense_box):
         embed, hires = self.model.image_embeddings(self.model.image_features(x))
         embed, hires = embed[img_idx], [h[img_idx] for h in hires]    # per image above, per mask below
-        return box_prompted_logits(self.model, embed, hires, boxes, dense_box)
+        return self.model.box_logits(embed, hires, boxes, dense_box)
 
 
 def pretrain_sam2(model, train_ms, val_ms, cfg, gen, wrap, device):
     """SAM2's image encoder, prompt encoder and mask decoder learn box prompt -> mask."""
-    for p in model.parameters():
-        p.requires_grad = False
     parts = [model.image_encoder, model.sam_prompt_encoder, model.sam_mask_decoder]
     params = [p for m in parts for p in m.parameters()] + [model.no_mem_embed]
+    model.requires_grad_(False)
     for p in params:
         p.requires_grad = True
     opt = torch.optim.AdamW(params, lr=cfg["pretrain_lr"], weight_decay=0.01)
@@ -296,7 +268,8 @@ def pretrain_sam2(model, train_ms, val_ms, cfg, gen, wrap, device):
             dt = (time.time() - t0) / (i + 1)
             print0(f"sam2 pretrain {i:5d} | loss {loss.item():.4f} | iou {tr_iou.item():.3f} | lr {lr:.2e} "
                    f"| {dt * 1000:.0f} ms/step | {len(idx) / dt:.0f} masks/s")
-    print0(f"sam2 pretrain val | box-prompt mIoU (corner points only) {evaluate(model, val_ms, cfg, boxes=True)[0].mean():.4f}")
+    if is_master():
+        print(f"sam2 pretrain val | box-prompt mIoU (corner points only) {evaluate(model, val_ms, cfg, boxes=True)[0].mean():.4f}")
 
 
 def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
@@ -329,16 +302,12 @@ def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
 def freeze_for_tokenizer(model, cfg):
     """Frozen: the image encoder (and no_mem_embed); the prompt encoder and the IoU / object-score
     heads as configured (the paper freezes them). -> the trainable parameters."""
-    for p in model.parameters():
-        p.requires_grad = True
-    frozen = [model.image_encoder, model.no_mem_embed]
-    if not cfg["train_prompt_encoder"]:
-        frozen.append(model.sam_prompt_encoder)
-    if not cfg["train_iou_head"]:
-        frozen += [model.sam_mask_decoder.iou_prediction_head, model.sam_mask_decoder.pred_obj_score_head]
+    dec = model.sam_mask_decoder
+    frozen = [model.image_encoder, model.no_mem_embed] + ([] if cfg["train_prompt_encoder"] else [model.sam_prompt_encoder])
+    frozen += [] if cfg["train_iou_head"] else [dec.iou_prediction_head, dec.pred_obj_score_head]
+    model.requires_grad_(True)
     for m in frozen:
-        for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()):
-            p.requires_grad = False
+        m.requires_grad_(False)
     model.image_encoder.eval()  # frozen: no dropout / drop-path noise in its features
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -346,18 +315,14 @@ def freeze_for_tokenizer(model, cfg):
 def feature_source(model, ms, cfg, device):
     """scene indices -> the frozen encoder's FPN features. With cache_features they are computed
     once (fp16) for every training image: the frozen encoder gives the same features every epoch."""
-    amp = autocast(device)
+    def encode(images):                 # uint8 (n, S, S, 3) -> the 3 FPN levels, no gradient
+        with torch.no_grad(), autocast(device):
+            return model.image_features(model.preprocess(images))
     if not cfg["cache_features"]:
-        def features(sc):
-            with torch.no_grad(), amp:
-                return [f.float() for f in model.image_features(model.preprocess(ms.images[sc.numpy()]))]
-        return features
-    t0, parts = time.time(), [[], [], []]
-    with torch.no_grad(), amp:
-        for i in progress(range(0, len(ms.images), 64), "caching image features", total=-(-len(ms.images) // 64)):
-            for level, f in enumerate(model.image_features(model.preprocess(ms.images[i:i + 64]))):
-                parts[level].append(f.half())
-    cache = [torch.cat(p) for p in parts]
+        return lambda sc: [f.float() for f in encode(ms.images[sc.numpy()])]
+    t0, starts = time.time(), range(0, len(ms.images), 64)
+    chunks = [[f.half() for f in encode(ms.images[i:i + 64])] for i in progress(starts, "caching image features")]
+    cache = [torch.cat([c[level] for c in chunks]) for level in range(3)]
     print0(f"cached image features: {sum(c.numel() * 2 for c in cache) / 2 ** 20:.0f} MB in {time.time() - t0:.1f} s")
     return lambda sc: [c[sc].to(device).float() for c in cache]
 
@@ -387,20 +352,30 @@ def test(model, cfg, train_seconds):
     health, area = model.rvq.health(counts), test_ms.area.numpy()
     by_area = {name: float(ious[(area >= lo) & (area < hi)].mean()) if ((area >= lo) & (area < hi)).any() else None
                for lo, hi, name in AREA_BUCKETS}
-    metrics = {"recon_miou": float(ious.mean()), "recon_miou_level1": float(ious1.mean()),
-               "recon_miou_by_area": by_area, "usage": health["usage"], "perplexity": health["perplexity"],
-               "masks_per_s": masks_per_s, "train_seconds": train_seconds,
-               "test_masks": len(test_ms), "preset": cfg["preset"]}
+    metrics = {"recon_miou": float(ious.mean()), "recon_miou_level1": float(ious1.mean()), "recon_miou_by_area": by_area,
+               "usage": health["usage"], "perplexity": health["perplexity"], "masks_per_s": masks_per_s,
+               "train_seconds": train_seconds, "test_masks": len(test_ms), "preset": cfg["preset"]}
     write_json(os.path.join(out, "metrics.json"), metrics)
     save_grid(os.path.join(out, "recon.png"), test_ms, preds, preds1)
     print(f"test: recon mIoU {metrics['recon_miou']:.4f} (level 1 only {metrics['recon_miou_level1']:.4f}) "
           f"on {len(test_ms)} masks | by area " + ", ".join(f"{k} {v:.3f}" for k, v in by_area.items() if v is not None))
-    print(f"test: usage {health['usage']} | perplexity {[round(p, 1) for p in health['perplexity']]} "
-          f"| {masks_per_s:.0f} masks/s | trained in {train_seconds:.0f} s")
-    print(f"wrote {out}/ckpt.pt, {out}/metrics.json, {out}/recon.png")
+    print(f"test: usage {health['usage']} | perplexity {[round(p, 1) for p in health['perplexity']]} | {masks_per_s:.0f} "
+          f"masks/s | trained in {train_seconds:.0f} s\nwrote {out}/ckpt.pt, {out}/metrics.json, {out}/recon.png")
 
 
 # ----------------------------------------------------------------------------- main
+def resume(model, cfg, ckpt_path):
+    """--resume: the weights of out_dir/ckpt.pt; -> the checkpoint (step, optimizer state)."""
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    resumed = read_checkpoint(ckpt_path)
+    if any(resumed["config"][k] != cfg[k] for k in SAM2_KEYS):
+        raise UserError(f"--resume: {ckpt_path} was trained with another model config")
+    model.load_state_dict(resumed["model"])
+    print0(f"resuming from step {resumed['step']}")
+    return resumed
+
+
 def main():
     cfg = configure(DEFAULTS, PRESETS, doc=__doc__)
     rank, world, device = init_distributed(cfg["device"])
@@ -408,18 +383,13 @@ def main():
     gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank draws its own masks
     t_start, ckpt_path = time.time(), os.path.join(cfg["out_dir"], "ckpt.pt")
     print0("config:", cfg)
-    train_ms, val_ms = MaskSet(load_split(cfg, "train"), cfg["image_size"]), MaskSet(load_split(cfg, "val"), cfg["image_size"])
+    train_ms, val_ms = (MaskSet(load_split(cfg, split), cfg["image_size"]) for split in ("train", "val"))
     print0(f"data: {len(train_ms.images)} train images / {len(train_ms)} masks, {len(val_ms)} val masks")
-    model, step, resumed = SAMTok(cfg).to(device), 0, None
-    if cfg["resume"]:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-        resumed = read_checkpoint(ckpt_path)
-        if any(resumed["config"][k] != cfg[k] for k in SAM2_KEYS):
-            raise UserError(f"--resume: {ckpt_path} was trained with another model config")
-        model.load_state_dict(resumed["model"])
-        step = resumed["step"]
-        print0(f"resuming from step {step}")
+    model = SAMTok(cfg).to(device)
+    resumed = resume(model, cfg, ckpt_path) if cfg["resume"] else None
+    step = resumed["step"] if resumed else 0
+    print0(f"global batch: {cfg['batch_size'] * cfg['grad_accum'] * world} images a step, "
+           f"{'all' if not cfg['masks_per_image'] else cfg['masks_per_image']} masks an image")
     # DDP when torchrun started us; parameters unused in a phase are allowed
     wrap = lambda m: m if world == 1 else torch.nn.parallel.DistributedDataParallel(
         m, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)

@@ -10,11 +10,13 @@ everywhere:
   config beside the weights);
 - the Stage-2/3 data: every scene's samples (data/tasks.py) with the target words the Stage-1
   tokenizer says for its masks, encoded once and cached on disk;
+- rollout: G sampled completions a prompt on one shared prefill (what GRPO learns from);
 - generate and evaluate: greedy answers, decoded through the Stage-1 decoder, scored as the
   paper scores them (GRES mIoU / cIoU, N-acc) plus exact words and caption attributes.
 """
 
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -23,10 +25,9 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from common import (UserError, atomic_save, iou, is_master, overlay, progress, read_checkpoint, read_json, resize_image,
-                    write_json)
+from common import (UserError, atomic_save, iou, is_master, overlay, progress, rank0_first, read_checkpoint, read_json,
+                    resize_image, write_json)
 from data.tasks import ATTRS, absent_refs, scene_samples, scene_seed
 from samtok import MASK_END, MASK_START, mask_tokens, text_to_codes
 
@@ -96,13 +97,14 @@ def tokenize(convs, images, processor, max_len):
     return kept, dropped
 
 
-def micro_batches(lengths, batch_size, seed, pool):
+def micro_batches(lengths, batch_size, seed, pool, skip=0):
     """Endless stream of micro-batches (lists of sample indices) with little padding: shuffle,
     cut into pools of `pool` micro-batches, sort each pool by length, cut it into micro-batches
     of similar lengths, shuffle their order. Every rank draws the same stream from the seed.
     Length bucketing rather than packing: packing several conversations into one row would
     need per-conversation attention masks and M-RoPE restarts, which only FlashAttention's
-    varlen path gives; sorted pools of 64 micro-batches already keep padding near 1%."""
+    varlen path gives; sorted pools already keep padding small (docs/LOG.md). skip: micro-batches
+    of the stream to pass over first, so a resumed run continues where it stopped."""
     epoch = 0
     while True:
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -112,6 +114,9 @@ def micro_batches(lengths, batch_size, seed, pool):
             chunk = sorted(perm[i:i + pool * batch_size], key=lambda j: lengths[j])
             batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
         for b in torch.randperm(len(batches), generator=g).tolist():
+            if skip:
+                skip -= 1
+                continue
             yield batches[b]
         epoch += 1
 
@@ -179,6 +184,153 @@ def generate(model, processor, samples, images, max_new_tokens, batch):
         for j, row in zip(idx, gen[:, inputs["input_ids"].shape[1]:]):
             out[j] = cut_at_end(text_tok.decode(row, skip_special_tokens=False))
     return out
+
+
+# ----------------------------------------------------------------------------- sampling groups (GRPO)
+def banned_tokens(processor, rows, device):
+    """(rows,) 0 / -inf: what the policy may not write. The vision placeholders (an <|image_pad|>
+    in an answer would be taken for a slot of image features by the next forward) and the padding
+    rows of the embedding matrix past the tokenizer (no text at all). Applied when sampling and
+    when scoring, so the log-probs are those of the distribution the tokens were drawn from."""
+    text_tok = processor.tokenizer
+    bias = torch.zeros(rows, device=device)
+    bias[len(text_tok):] = -math.inf
+    bias[text_tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])] = -math.inf
+    return bias
+
+
+@torch.no_grad()
+def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, generator, sync=False, visual=None):
+    """G sampled completions for each prompt (prompt 0's G first): dicts with ids (token ids, ending
+    with the end-of-turn token unless cut at max_new_tokens: finished False) and logps (each
+    token's log-prob under the sampling distribution, softmax(logits / temperature)). The prompt - image included - is
+    encoded once: one prefill over the B prompts, then the KV cache is repeated G times (B*G rows)
+    and the completions are sampled token by token on it. Positions are M-RoPE's: the prompt's come
+    from the model's own get_rope_index (2D for the image, 1D for text), and each new token takes
+    the next text position, as a forward over the whole sequence would give it.
+    sync: under FSDP every rank must run the same number of forwards, so all ranks decode until
+    every rank is done. visual: a frozen tower's tokens (visual_tokens), passed instead of pixels."""
+    text_tok = processor.tokenizer
+    eos = torch.tensor(text_tok.convert_tokens_to_ids(list(END_OF_TURN)), device=model.device)
+    inputs, _ = collate(prompts, images, processor, left_pad=True, visual=visual)
+    inputs = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    out = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(G)                          # rows: prompt 0 x G, prompt 1 x G, ...
+    N = len(prompts) * G
+    att = inputs["attention_mask"].repeat_interleave(G, 0)
+    nxt = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(G)     # (N,) next text position
+    logits = out.logits[:, -1].repeat_interleave(G, 0)
+    bias = banned_tokens(processor, logits.shape[-1], logits.device)
+    done = torch.zeros(N, dtype=torch.bool, device=model.device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        logprobs = torch.log_softmax(logits.float() / temperature + bias, -1)
+        new = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+        new = torch.where(done, text_tok.pad_token_id, new)
+        tokens.append(new)
+        logps.append(logprobs.gather(1, new[:, None]).squeeze(1))
+        done = done | torch.isin(new, eos)
+        left = (~done).sum()
+        if sync:
+            dist.all_reduce(left)
+        if left == 0 or t == max_new_tokens - 1:
+            break
+        att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
+        out = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, N, 1).expand(3, N, 1),
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    tokens, logps, ends = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist(), set(eos.tolist())
+    comps = []
+    for row, lp in zip(tokens, logps):
+        end = next((i for i, x in enumerate(row) if x in ends), None)
+        n = end + 1 if end is not None else len(row)
+        comps.append(dict(ids=row[:n], logps=lp[:n], finished=end is not None))
+    return comps
+
+
+def completion_text(processor, ids):
+    """The answer text of a completion: decoded with special tokens kept (they carry the
+    grounding), without the end-of-turn token."""
+    return cut_at_end(processor.tokenizer.decode(ids, skip_special_tokens=False))
+
+
+def completion_logps(model, batch, n_comp, temperature, bias):
+    """log pi(o_t | q, o_<t) of every completion token: (N, n_comp), right-aligned like the batch.
+    Only the last n_comp + 1 positions go through the LM head. The temperature divides the logits
+    as in sampling, so the ratio compares the distributions the tokens came from."""
+    logits = model(**batch, use_cache=False, logits_to_keep=n_comp + 1).logits[:, :-1].float() / temperature + bias
+    ids = batch["input_ids"][:, -n_comp:]
+    return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, temperature, bias):
+    """log pi(o_t | q, o_<t) of every completion token, (N, L) left-aligned (token t in column t,
+    comp_mask 1 on real tokens), with each PROMPT run once however many of its completions the
+    batch holds. The shared prefix, where it happens:
+      1. the B distinct prompts (image included) run once, with gradients when grad is enabled,
+         and leave their key/value cache and the logits of their last position (which predict
+         each completion's first token);
+      2. the cache is indexed to the N completion rows (row_of: the prompt of each row), an
+         index_select, so in backward each prompt receives the SUM of its completions' gradients;
+      3. the N completions run on that cache, their M-RoPE positions continuing the prompt's text
+         positions (the next one after its largest), as the unshared forward would number them.
+    Cost: a prompt of P tokens (~50 with a 16-token image in the tiny preset, ~1,000 at 448 px) and
+    G completions of ~L tokens cost G * (P + L) token-forwards unshared, P + G * L shared: with
+    P = 50, L = 5, G = 8, 440 against 90, and 16 * 1,512 against 1,000 + 16 * 512 at the paper's
+    scale; the backward shrinks the same way. Attention is exact: the completions attend to the
+    same keys and values, under the same padding mask, as in one forward over prompt + completion."""
+    model = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    pos, _ = model.model.get_rope_index(prompt_inputs["input_ids"], prompt_inputs["mm_token_type_ids"],
+                                        image_grid_thw=prompt_inputs["image_grid_thw"],
+                                        attention_mask=prompt_inputs["attention_mask"])
+    # the prompt forward goes through the bare model: DDP must see one forward per backward (the
+    # completions' below), and its gradient hooks still fire once for every parameter
+    out = model(**prompt_inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    if cache is None or cache.get_seq_length() == 0:    # gradient checkpointing drops the cache in training
+        raise RuntimeError("the prompt forward kept no key/value cache: the shared prefix needs use_cache")
+    cache.batch_select_indices(row_of)                                    # (B, ...) -> (N, ...) rows
+    N, L = comp_ids.shape
+    att = torch.cat([prompt_inputs["attention_mask"][row_of], comp_mask.long()], 1)
+    nxt = pos.amax(dim=(0, 2))[row_of] + 1                                # (N,) the next text position
+    positions = (nxt[:, None] + torch.arange(L, device=nxt.device)).view(1, N, L).expand(3, N, L)
+    rest = net(input_ids=comp_ids, attention_mask=att, position_ids=positions, cache=cache, use_cache=True,
+               logits_to_keep=L).logits[:, :-1]                           # token t predicts t + 1
+    first = out.logits[:, -1:][row_of]                                    # predicts each completion's token 0
+    logits = torch.cat([first, rest], 1).float() / temperature + bias
+    return logits.gather(-1, comp_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def completion_batch(rows, prompts, images, processor, share_prefix, device, visual=None):
+    """A micro-batch of completions (rows: dicts with prompt, the index of its prompt, and ids) as
+    model inputs, with mask (N, L) 1 on completion tokens. share_prefix: each distinct prompt once
+    and the completions left-aligned beside it (shared_prefix_logps); else each row prompt +
+    completion, left-padded so the completions are right-aligned (completion_logps). visual: a
+    frozen tower's tokens (visual_tokens), passed instead of pixels."""
+    to = lambda d: {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
+    L = max(len(r["ids"]) for r in rows)
+    if share_prefix:
+        uniq = list(dict.fromkeys(r["prompt"] for r in rows))
+        inputs, _ = collate([prompts[j] for j in uniq], images, processor, left_pad=True, visual=visual)
+        ids, mask = torch.full((len(rows), L), processor.tokenizer.pad_token_id), torch.zeros(len(rows), L)
+        for k, r in enumerate(rows):
+            ids[k, :len(r["ids"])], mask[k, :len(r["ids"])] = torch.tensor(r["ids"]), 1
+        return dict(prompt=to(inputs), ids=ids.to(device), mask=mask.to(device),
+                    row_of=torch.tensor([uniq.index(r["prompt"]) for r in rows], device=device))
+    samples = [dict(img=prompts[r["prompt"]]["img"], ids=prompts[r["prompt"]]["ids"] + r["ids"],
+                    lab=[False] * len(prompts[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in rows]
+    batch, labels = collate(samples, images, processor, left_pad=True, visual=visual)
+    return dict(batch=to(batch), n=L, mask=(labels[:, -L:] != -100).float().to(device))
+
+
+def batch_logps(model, b, temperature, bias):
+    """The completion tokens' log-probs of a completion_batch, by whichever path built it."""
+    if "prompt" in b:
+        return shared_prefix_logps(model, b["prompt"], b["row_of"], b["ids"], b["mask"], temperature, bias)
+    return completion_logps(model, b["batch"], b["n"], temperature, bias)
 
 
 # ----------------------------------------------------------------------------- models and checkpoints
@@ -367,6 +519,39 @@ def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False):
     return images, samples, scenes, codes
 
 
+def load_prompts(cfg, mask_tok):
+    """Stage 3's prompts: the segmentation prompts of the train split of cfg["data"] (Stage 2's samples: same
+    templates, same answers - the mask words of the targets from the Stage-1 encoder, or
+    "No target."): dicts with task, prompt, answer, targets, img. Returns (images at the VLM's
+    input size, prompts, scenes as (seed, scene); masks kept only for the iou reward)."""
+    tasks = tuple(cfg["tasks"].split(","))
+    with rank0_first():         # rank 0 encodes the answers' masks and caches the codes first
+        images, samples, scenes, _ = load_world("train", cfg["n_train"], mask_tok, cfg, tasks,
+                                                keep_masks=cfg["reward"] == "iou")
+    prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
+    if not prompts:
+        raise UserError(f"--data={cfg['data']}: no usable prompts for --tasks={cfg['tasks']} in {len(scenes)} train "
+                        f"scenes (refer needs referring expressions, gcg grounded descriptions)")
+    for p in prompts:        # gcg: the targets are the objects its grounded phrases point at
+        if p["task"] == "gcg":
+            p["targets"] = sorted({i for _, _, i in scenes[p["img"]][1]["grounded"]["spans"]})
+    return images, prompts, scenes
+
+
+def gt_union(scene, targets):
+    """The union of a prompt's ground-truth masks, at the scene's own size (no target: empty)."""
+    m = scene["masks"]
+    return m[targets].any(0) if targets else np.zeros(m.shape[1:], bool)
+
+
+def tokenize_prompts(prompts, images, processor):
+    """Token ids of each prompt (chat template, image expanded), up to and including
+    '<|im_start|>assistant\\n': what the policy continues."""
+    convs, _ = tokenize([[p] for p in prompts], images, processor, max_len=10 ** 9)
+    return [dict(p, ids=c["ids"][:c["n_prompt"]], lab=[False] * c["n_prompt"], n_prompt=c["n_prompt"])
+            for p, c in zip(prompts, convs)]
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
@@ -474,3 +659,10 @@ def save_gallery(path, rows):
             y += x.height
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         page.save(path)
+
+
+def metrics_line(m):
+    """The evaluation's headline figures on one line."""
+    f = lambda x: "-" if x is None else f"{x:.4f}"
+    return (f"referring mIoU {f(m['refer_miou'])} | cIoU {f(m['refer_ciou'])} | N-acc {f(m['nacc'])} "
+            f"| exact mask words {f(m['exact_match'])}")

@@ -11,9 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import sft  # noqa: E402
+import tiny_vlm  # noqa: E402
 import tokenizer as T  # noqa: E402
+import vlm  # noqa: E402
 from common import atomic_save, configure  # noqa: E402
 from data import iter_scenes  # noqa: E402
+from data.tasks import text_corpus  # noqa: E402
+from samtok import SAMTok, load_tokenizer  # noqa: E402
 
 # A VLM small enough to build in a fraction of a second and step in ~50 ms.
 TINY = ["--hidden_size=64", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--intermediate_size=128",
@@ -26,10 +30,10 @@ def tok_ckpt(tmp_path_factory):
     """A tiny random SAMTok checkpoint (64 px, 32-d latent): its codes are arbitrary but fixed."""
     torch.manual_seed(0)
     cfg = configure(T.DEFAULTS, T.PRESETS, ["--image_size=64", "--d_model=32", "--mlp_dim=64"])
-    m = T.SAMTok(cfg).eval()
+    m = SAMTok(cfg).eval()
     m.rvq.init_codebooks(torch.randn(512, 32))
     path = str(tmp_path_factory.mktemp("tok") / "ckpt.pt")
-    atomic_save({"stage": "tokenizer", "config": m.cfg, "model": m.state_dict()}, path)
+    atomic_save({"stage": "tokenizer", "config": m.config.to_dict(), "model": m.state_dict()}, path)
     return path
 
 
@@ -38,8 +42,8 @@ def world(tok_ckpt, tmp_path_factory):
     """6 train scenes -> images, samples (with codes from the tiny tokenizer), scenes, cfg."""
     out = str(tmp_path_factory.mktemp("sft"))
     cfg = configure(sft.DEFAULTS, sft.PRESETS, TINY + [f"--tokenizer_ckpt={tok_ckpt}", f"--out_dir={out}"])
-    tok = T.load_tokenizer(tok_ckpt)
-    images, samples, scenes, _ = sft.load_world("train", 6, tok, cfg, ("refer", "caption", "gcg"))
+    mask_tok = load_tokenizer(tok_ckpt)
+    images, samples, scenes, _ = vlm.load_world("train", 6, mask_tok, cfg, ("refer", "caption", "gcg"), cfg["extra_none"])
     return images, samples, scenes, cfg
 
 
@@ -47,5 +51,5 @@ def build(cfg, **over):
     cfg = dict(cfg, **over)
     scenes = [s for _, s in iter_scenes("train", 20)]
     torch.manual_seed(0)
-    processor = sft.build_processor(cfg, sft.text_corpus(scenes))
-    return sft.build_model(cfg, processor).eval(), processor
+    processor = tiny_vlm.build_processor(cfg, text_corpus(scenes))
+    return tiny_vlm.build_model(cfg, processor).eval(), processor

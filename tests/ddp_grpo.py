@@ -7,7 +7,7 @@ runs grpo.update on the same global rows (the function shards the micro-batches 
 wrapped in DDP, then sharded with FSDP2; rank 0 saves the full weights after each to
 DIR/ddp.pt and DIR/fsdp.pt. The test compares them with one process running train() alone.
 Then, in the same launch (one torchrun start-up instead of two), the whole script runs on the
-two ranks with the arguments in DIR/setup.pt's "script" (grpo.main, which ends the group).
+two ranks with the arguments in DIR/setup.pt's "script" (common.run(grpo.main), which ends the group).
 """
 import os
 import sys
@@ -18,15 +18,16 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import grpo  # noqa: E402
-import sft  # noqa: E402
+import vlm  # noqa: E402
+from common import run  # noqa: E402
 
 
 def train(folder, setup, net_of=lambda m: m, rank=0, world=1):
     """Two GRPO steps on the fixed rows, from the saved policy; the reference model (beta > 0)
     is the same start. SGD, so the weights compare the gradients themselves."""
     cfg = setup["cfg"]
-    model, processor = grpo.load_policy(os.path.join(folder, "model"), cfg)
-    ref = grpo.load_policy(os.path.join(folder, "model"), cfg)[0].eval().requires_grad_(False)
+    model, processor = vlm.load_model(os.path.join(folder, "model"), cfg)
+    ref = vlm.load_model(os.path.join(folder, "model"), cfg)[0].eval().requires_grad_(False)
     net = net_of(model)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"])
     stats = [grpo.update(net, opt, rows, setup["prompts"], setup["images"], processor, cfg, rank, world, ref)
@@ -42,13 +43,13 @@ def main(folder):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     for name, fsdp in (("ddp", False), ("fsdp", True)):
         cfg = dict(setup["cfg"], fsdp=fsdp)
-        net, stats = train(folder, dict(setup, cfg=cfg), lambda m: sft.parallelize(m, cfg, world, device), rank, world)
+        net, stats = train(folder, dict(setup, cfg=cfg), lambda m: vlm.parallelize(m, cfg, world, device), rank, world)
         sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"weights": sd, "stats": stats}, os.path.join(folder, f"{name}.pt"))
         dist.barrier()
     sys.argv = ["grpo.py", *setup["script"]]
-    grpo.main()
+    run(grpo.main)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 from data.jsonl import main, read_folder, rle_decode, rle_encode, write_folder
-from data.shapes import COLORS, SHAPES, SPLITS, make_scene, matches, scene_seeds, where
+from data.shapes import COLORS, SHAPES, SIZES, SPLITS, make_scene, matches, scene_seeds, where
 
 SEEDS = list(range(1_000_000, 1_000_200))   # 200 val scenes, shared by the tests below
 
@@ -120,7 +120,7 @@ def test_size_distribution_and_coverage(scenes):
     assert areas.max() < 0.40
     assert {o["shape"] for o in objs} == set(SHAPES)
     assert {o["color"] for o in objs} == set(COLORS)
-    assert {o["size"] for o in objs} == {"small", "medium", "big"}
+    assert {o["size"] for o in objs} == {"small", "medium", "big"} == set(SIZES)
     assert len({o["position"] for o in objs}) == 9
 
 

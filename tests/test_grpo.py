@@ -19,17 +19,19 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import grpo  # noqa: E402
-from common import write_json  # noqa: E402
 import sft  # noqa: E402
-import tokenizer as T  # noqa: E402
+import vlm  # noqa: E402
+from common import run, write_json  # noqa: E402
 # Stage 2's test fixtures (tok_ckpt, world) come from conftest.py, with the tiny VLM builder
 from conftest import build  # noqa: E402
+from data.tasks import NO_TARGET  # noqa: E402
+from samtok import codes_to_text, mask_tokens  # noqa: E402
 
 import ddp_grpo  # noqa: E402
 
-W = lambda c1, c2: T.codes_to_text([[c1, c2]])      # one mask's four words
+W = lambda c1, c2: codes_to_text([[c1, c2]])      # one mask's four words
 A, B, C = W(3, 7), W(5, 9), W(40, 41)
-NT = sft.NO_TARGET
+NT = NO_TARGET
 
 
 # ---------------------------------------------------------------- rewards by hand
@@ -88,7 +90,7 @@ def test_reward_iou_and_format():
 
 
 def test_score_decodes_each_distinct_mask_once_per_image():
-    """score() with the iou reward: a fake decoder paints code c1 as row c1 of an 8 x 8 image; masks
+    """score_rollouts() with the iou reward: a fake decoder paints code c1 as row c1 of an 8 x 8 image; masks
     of one image are decoded in one call, each distinct mask once; format reward added on top."""
     calls = []
 
@@ -109,10 +111,10 @@ def test_score_decodes_each_distinct_mask_once_per_image():
             dict(prompt=1, text=NT, finished=True), dict(prompt=1, text=W(5, 1), finished=True),
             dict(prompt=2, text="garbage", finished=True)]
     cfg = dict(grpo.DEFAULTS, reward="iou", format_weight=0.5)
-    R = grpo.score(rows, prompts, cfg, decode, lambda p: gt[prompts.index(p)])
+    R = grpo.score_rollouts(rows, prompts, cfg, decode, lambda p: gt[prompts.index(p)])
     assert R == pytest.approx([0.5 + 0.5, 1.0 + 0.0, 1.0 + 0.5, 0.0 + 0.5, 0.0 + 0.0])
     assert sorted(calls) == [(0, [(3, 7), (5, 1)])]           # image 0 once, (3, 7) once; image 1: nothing to decode
-    assert grpo.score(rows, prompts, dict(cfg, reward="match", format_weight=0.0)) == \
+    assert grpo.score_rollouts(rows, prompts, dict(cfg, reward="match", format_weight=0.0)) == \
         pytest.approx([0.5, 0.5, 1.0, 0.0, 0.0])
 
 
@@ -188,7 +190,7 @@ def test_policy_loss_matches_the_loop(loss_type, beta):
 
 # ---------------------------------------------------------------- on the tiny VLM
 @pytest.fixture(scope="module")
-def vlm(world):
+def policy(world):
     """The tiny config-built VLM with the mask words, its prompts (refer, tokenized) and images."""
     images, samples, scenes, cfg = world
     model, processor = build(cfg)
@@ -202,7 +204,7 @@ def fixed_rows(processor, n_groups, G, seed=0, lengths=(1, 5)):
     """Completions of random mask words ending with <|im_end|>, of different lengths, rewards at
     random: what a rollout would hand to the update."""
     tok = processor.tokenizer
-    words = tok.convert_tokens_to_ids(T.mask_tokens())
+    words = tok.convert_tokens_to_ids(mask_tokens())
     end = tok.convert_tokens_to_ids("<|im_end|>")
     rng = np.random.default_rng(seed)
     rows = []
@@ -215,12 +217,12 @@ def fixed_rows(processor, n_groups, G, seed=0, lengths=(1, 5)):
 
 
 @pytest.mark.parametrize("loss_type, scale", [("grpo", "group"), ("dr_grpo", "none"), ("dapo", "group")])
-def test_gradient_is_reinforce_with_the_group_baseline(vlm, loss_type, scale):
+def test_gradient_is_reinforce_with_the_group_baseline(policy, loss_type, scale):
     """mu = 1, beta = 0: the ratio is 1 and never clipped, so the gradient of the GRPO loss is
     REINFORCE's, -sum_i c_i A_i sum_t grad log pi(o_it), with A_i the group-relative advantage and
     c_i the aggregation's weight. Here log pi is computed independently: one unpadded sequence at a
     time. The update runs on micro-batches of 2 with SGD lr 1, so its weight change is -gradient."""
-    model, processor, prompts, images = vlm
+    model, processor, prompts, images = policy
     G, T_ = 3, 0.7
     rows, R = fixed_rows(processor, 3, G)
     A_, _ = grpo.advantages(R, scale)
@@ -234,12 +236,12 @@ def test_gradient_is_reinforce_with_the_group_baseline(vlm, loss_type, scale):
 
     m2 = copy.deepcopy(model).train()
     n_tok = sum(len(r["ids"]) for r in rows)
-    bias = grpo.not_text(processor, full_rows(model), "cpu")
+    bias = grpo.banned_tokens(processor, full_rows(model), "cpu")
     surrogate = 0
     for r in rows:
         p = prompts[r["prompt"]]
-        batch, _ = sft.collate([dict(img=p["img"], ids=p["ids"] + r["ids"], lab=[False] * len(p["ids"] + r["ids"]))],
-                                 images, processor)
+        batch, _ = vlm.collate([dict(img=p["img"], ids=p["ids"] + r["ids"], lab=[False] * len(p["ids"] + r["ids"]))],
+                               images, processor)
         logits = m2(**batch).logits[0, len(p["ids"]) - 1:-1] / T_ + bias      # pi: softmax over text tokens
         logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(r["ids"])[:, None]).sum()
         c = {"grpo": 1 / (len(rows) * len(r["ids"])), "dr_grpo": 1 / (len(rows) * 6), "dapo": 1 / n_tok}[loss_type]
@@ -255,14 +257,14 @@ def test_gradient_is_reinforce_with_the_group_baseline(vlm, loss_type, scale):
     assert worst > 1e-4          # the gradient is not trivially zero
 
 
-def test_rollout_on_the_cache_matches_greedy_and_the_full_forward(vlm):
+def test_rollout_on_the_cache_matches_greedy_and_the_full_forward(policy):
     """The prompt is prefilled once and its cache repeated G times. At a temperature near 0 every
     row must be Stage 2's greedy generate; at temperature 1 the log-probs recorded while sampling
     must be the full-sequence forward's (the one the loss uses): same positions, same cache."""
-    model, processor, prompts, images = vlm
+    model, processor, prompts, images = policy
     model.eval()
     ps = prompts[:3]
-    greedy = sft.generate(model, processor, ps, images, 8, 8)
+    greedy = vlm.generate(model, processor, ps, images, 8, 8)
     g = torch.Generator().manual_seed(0)
     comps = grpo.rollout(model, processor, ps, images, 2, 8, 1e-6, g)
     assert [grpo.completion_text(processor, c["ids"]) for c in comps] == [t for t in greedy for _ in range(2)]
@@ -271,24 +273,55 @@ def test_rollout_on_the_cache_matches_greedy_and_the_full_forward(vlm):
     rows = [dict(prompt=k // 3, ids=c["ids"]) for k, c in enumerate(comps)]
     samples = [dict(img=ps[r["prompt"]]["img"], ids=ps[r["prompt"]]["ids"] + r["ids"],
                     lab=[False] * len(ps[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in rows]
-    batch, labels = sft.collate(samples, images, processor, left_pad=True)
+    batch, labels = vlm.collate(samples, images, processor, left_pad=True)
     n = max(len(c["ids"]) for c in comps)
     with torch.no_grad():
-        full = grpo.completion_logps(model, batch, n, 1.0, grpo.not_text(processor, full_rows(model), "cpu"))
+        full = vlm.completion_logps(model, batch, n, 1.0, grpo.banned_tokens(processor, full_rows(model), "cpu"))
     for k, c in enumerate(comps):
         assert torch.allclose(full[k, n - len(c["ids"]):], torch.tensor(c["logps"]), atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("per_batch", [3, 4])        # 3: every micro-batch one whole group; 4: groups split
+def test_shared_prefix_equals_the_unshared_forward(world, model_type, per_batch):
+    """The shared-prefix forward (each prompt once, its completions on its key/value cache) gives
+    the log-probs and the gradients of one forward of prompt + completion per row, in fp32."""
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg, model_type=model_type)
+    sft.add_mask_tokens(model, processor)
+    prompts = grpo.tokenize_prompts([s for s in samples if s["task"] == "refer"], images, processor)
+    rows, _ = fixed_rows(processor, 3, 3, lengths=(1, 6))
+    assert len({len(r["ids"]) for r in rows[:3]}) > 1          # padded: completions of several lengths
+    bias = grpo.banned_tokens(processor, full_rows(model), "cpu")
+    model.train()
+    for i in range(0, len(rows), per_batch):
+        chunk, grads = rows[i:i + per_batch], []
+        for share in (False, True):
+            b = vlm.completion_batch(chunk, prompts, images, processor, share, "cpu")
+            logp = vlm.batch_logps(model, b, 0.7, bias)
+            model.zero_grad()
+            (logp * b["mask"]).sum().backward()
+            # right-aligned (unshared) and left-aligned (shared) windows -> each row's own tokens
+            grads.append(([lp[m > 0] for lp, m in zip(logp.detach(), b["mask"])],
+                          {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        (lp_u, g_u), (lp_s, g_s) = grads
+        for a, b_ in zip(lp_u, lp_s):
+            assert torch.allclose(a, b_, atol=1e-5), (a - b_).abs().max()
+        assert g_u.keys() == g_s.keys() and len(g_u) > 10
+        for k in g_u:
+            assert torch.allclose(g_u[k], g_s[k], atol=1e-5, rtol=1e-4), (k, (g_u[k] - g_s[k]).abs().max())
 
 
 def full_rows(model):
     return model.get_output_embeddings().weight.shape[0]
 
 
-def test_a_few_grpo_steps_raise_a_trivially_learnable_reward(vlm):
+def test_a_few_grpo_steps_raise_a_trivially_learnable_reward(policy):
     """Reward = share of the completion's tokens that are mask words (514 of the ~1,100 words: ~1/2 for the random policy).
     Rollouts, group advantages and updates, all real; 12 steps of 4 prompts x 8 completions."""
-    model, processor, prompts, images = vlm
+    model, processor, prompts, images = policy
     model = copy.deepcopy(model)
-    words = set(processor.tokenizer.convert_tokens_to_ids(T.mask_tokens()))
+    words = set(processor.tokenizer.convert_tokens_to_ids(mask_tokens()))
     cfg = dict(grpo.DEFAULTS, max_new_tokens=4, micro_batch=32, beta=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     g = torch.Generator().manual_seed(0)
@@ -316,11 +349,11 @@ def sft_ckpt(world, tmp_path_factory):
     model, processor = build(cfg)
     ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
     refer = [[s] for s in samples if s["task"] == "refer"]
-    ss, _ = sft.tokenize(refer, images, processor, 10 ** 9)
+    ss, _ = vlm.tokenize(refer, images, processor, 10 ** 9)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(40):
-        batch, labels = sft.collate(ss[8 * step % len(ss):][:8] or ss[:8], images, processor)
+        batch, labels = vlm.collate(ss[8 * step % len(ss):][:8] or ss[:8], images, processor)
         loss, _ = sft.token_loss(model, batch, labels, ids)
         opt.zero_grad()
         (loss / (labels != -100).sum()).backward()
@@ -332,10 +365,11 @@ def sft_ckpt(world, tmp_path_factory):
 
 
 def run_main(monkeypatch, capsys, args):
+    """grpo.py as its __main__ runs it (common.run: a UserError -> one line, exit 2)."""
     monkeypatch.setattr(sys, "argv", ["grpo.py", *args])
     code = 0
     try:
-        grpo.main()
+        run(grpo.main)
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
@@ -365,8 +399,9 @@ def test_script_resume_and_evaluation(tok_ckpt, sft_ckpt, tmp_path, monkeypatch,
     for k in ("reward_first", "reward_last", "completions_per_s", "train_seconds"):
         assert isinstance(m[k], float) and m[k] >= 0
     assert len(json.load(open(tmp_path / "history.json"))) == 3
-    state = torch.load(tmp_path / "model" / "train_state.pt", weights_only=False)
-    assert state["step"] == 3 and state["config"]["stage"] == "grpo"
+    # what the resume read (vlm.resume_dir): plain tensors and containers, loadable with weights_only=True
+    state = torch.load(tmp_path / "model" / "train_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["config"]["stage"] == "grpo" and state["optimizer"]["state"]
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".old"))]
 
 
@@ -376,7 +411,7 @@ def test_grpo_keeps_frozen_what_sft_froze(tok_ckpt, sft_ckpt, tmp_path, monkeypa
     from safetensors.torch import load_file
     init = tmp_path / "sft"
     shutil.copytree(sft_ckpt, init)
-    write_json(str(init / "model" / sft.STAGE_CONFIG), {"stage": "sft", "tower_frozen": True})
+    write_json(str(init / "model" / vlm.STAGE_CONFIG), {"stage": "sft", "tower_frozen": True})
     out = tmp_path / "grpo"
     args = script_args(tok_ckpt, str(init), out) + ["--steps=2", "--eval_n=0", "--lr=1e-2"]
     code, _, err = run_main(monkeypatch, capsys, args)
@@ -385,16 +420,16 @@ def test_grpo_keeps_frozen_what_sft_froze(tok_ckpt, sft_ckpt, tmp_path, monkeypa
     tower = [k for k in before if "visual." in k]
     assert tower and all(torch.equal(before[k], after[k]) for k in tower)
     assert any(not torch.equal(before[k], after[k]) for k in before if "layers." in k and "visual." not in k)
-    assert sft.stage_config(str(out / "model"))["tower_frozen"] is True
+    assert vlm.stage_config(str(out / "model"))["tower_frozen"] is True
 
 
-def test_two_ranks_ddp_fsdp_parity_and_the_script(vlm, tok_ckpt, sft_ckpt, tmp_path):
+def test_two_ranks_ddp_fsdp_parity_and_the_script(policy, tok_ckpt, sft_ckpt, tmp_path):
     """2 gloo ranks under torchrun, DDP then FSDP2, against one process: the same global rows
     (3 groups of 3, one group of equal rewards dropped before, micro-batches of 2, so one rank
     also runs a zero-weight micro-batch), dapo aggregation, beta > 0, mu = 2. Then the whole
     script on the two ranks with FSDP2: rollouts keep the ranks in step, rows are gathered, the
     sharded model is saved whole."""
-    model, processor, prompts, images = vlm
+    model, processor, prompts, images = policy
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     steps = []
@@ -415,7 +450,7 @@ def test_two_ranks_ddp_fsdp_parity_and_the_script(vlm, tok_ckpt, sft_ckpt, tmp_p
     assert p.returncode == 0, p.stderr[-3000:]
     net, stats = ddp_grpo.train(str(tmp_path), setup)
     ref = {k: v.detach() for k, v in net.state_dict().items()}
-    start = grpo.load_policy(str(tmp_path / "model"), cfg)[0].state_dict()
+    start = vlm.load_model(str(tmp_path / "model"), cfg)[0].state_dict()
     assert any(not torch.equal(ref[k], start[k]) for k in ref)        # the update did move the weights
     for name in ("ddp", "fsdp"):
         got = torch.load(tmp_path / f"{name}.pt")
@@ -425,7 +460,7 @@ def test_two_ranks_ddp_fsdp_parity_and_the_script(vlm, tok_ckpt, sft_ckpt, tmp_p
         assert torch.allclose(got["stats"], stats, rtol=1e-4, atol=1e-6), (name, got["stats"], stats)
     assert stats[:, 2].sum() + stats[:, 1].sum() > 0       # mu = 2 moved the ratio: the clip did bite
     assert "step    2/2" in p.stdout and "8 completions a step" in p.stdout
-    assert torch.load(tmp_path / "run" / "model" / "train_state.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "run" / "model" / "train_state.pt", weights_only=True)["step"] == 2
 
 
 def test_script_bad_input(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):

@@ -16,15 +16,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import infer  # noqa: E402
 import sft  # noqa: E402
-import tokenizer as T  # noqa: E402
+import vlm  # noqa: E402
 from common import configure, write_json  # noqa: E402
 from conftest import TINY, build  # noqa: E402  (the tiny VLM config; the tokenizer fixture is in conftest.py)
+from data.tasks import NO_TARGET  # noqa: E402
+from samtok import codes_to_text, load_tokenizer  # noqa: E402
 
 EXAMPLE = os.path.join(ROOT, "data", "example.jpg")
 SEGMENT = "Please segment the red circle in this image."
 NOTHING = "Please segment the purple star in this image."
 # what the tiny VLM is taught to answer about the example image: two masks, and "No target."
-TAUGHT = {SEGMENT: T.codes_to_text([[12, 200], [40, 7]]), NOTHING: sft.NO_TARGET}
+TAUGHT = {SEGMENT: codes_to_text([[12, 200], [40, 7]]), NOTHING: NO_TARGET}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def ckpt(tok_ckpt, tmp_path_factory):
     model, processor = build(cfg)
     sft.add_mask_tokens(model, processor)
     image = infer.read_image(EXAMPLE, 10 ** 8)
-    samples, _ = sft.tokenize([[dict(prompt=p, answer=a, img=0)] for p, a in TAUGHT.items()], [image], processor, 10 ** 9)
-    batch, labels = sft.collate(samples, [image], processor)
+    samples, _ = vlm.tokenize([[dict(prompt=p, answer=a, img=0)] for p, a in TAUGHT.items()], [image], processor, 10 ** 9)
+    batch, labels = vlm.collate(samples, [image], processor)
     n = (labels[:, 1:] != -100).sum()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
@@ -50,7 +52,7 @@ def ckpt(tok_ckpt, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vlm") / "model")
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    write_json(os.path.join(path, "stage_config.json"), cfg)
+    write_json(os.path.join(path, vlm.STAGE_CONFIG), cfg)
     return path
 
 
@@ -80,7 +82,7 @@ def test_end_to_end_writes_each_mask_and_the_overlay(ckpt, tok_ckpt, tmp_path, c
     assert record["tokenizer_ckpt"] == tok_ckpt                  # taken from the checkpoint's stage_config.json
     # every mask PNG is the tokenizer's decoding of its codes over the image, at the image's size
     image = infer.read_image(EXAMPLE, 10 ** 8)
-    expected = T.load_tokenizer(tok_ckpt).decode(image, np.array([[12, 200], [40, 7]]))
+    expected = load_tokenizer(tok_ckpt).decode(image, np.array([[12, 200], [40, 7]]))
     for k in (1, 2):
         png = Image.open(os.path.join(out, f"example_mask{k}.png"))
         assert png.mode == "L" and png.size == (128, 128)
@@ -122,18 +124,18 @@ def test_malformed_generated_text_prints_the_answer_and_no_mask(ckpt, tmp_path, 
 
 
 @pytest.mark.parametrize("text, answer, codes, labels, bad", [
-    (T.codes_to_text([[3, 4]]), "[mask 1]", [(3, 4)], [None], 0),
+    (codes_to_text([[3, 4]]), "[mask 1]", [(3, 4)], [None], 0),
     # level-1 only (one code), 3+ codes keep two, a level-1 id in the level-2 slot -> -1
     ("<|mt_start|><|mt_0003|><|mt_end|>", "[mask 1]", [(3, -1)], [None], 0),
     ("<|mt_start|><|mt_0003|><|mt_0260|><|mt_0261|><|mt_end|>", "[mask 1]", [(3, 4)], [None], 0),
     ("<|mt_start|><|mt_0003|><|mt_0004|><|mt_end|>", "[mask 1]", [(3, -1)], [None], 0),
     # spans without a valid level-1 code are shown but not numbered or decoded
-    ("<|mt_start|><|mt_0300|><|mt_end|>" + T.codes_to_text([[5, 6]]), "[malformed mask] [mask 1]", [(5, 6)], [None], 1),
+    ("<|mt_start|><|mt_0300|><|mt_end|>" + codes_to_text([[5, 6]]), "[malformed mask] [mask 1]", [(5, 6)], [None], 1),
     # grounded conversation: the object_ref phrase labels the mask that follows it
-    ("A <|object_ref_start|>red circle<|object_ref_end|>" + T.codes_to_text([[1, 2]]) + " and a "
-     "<|object_ref_start|>blue star<|object_ref_end|>" + T.codes_to_text([[7, 8]]) + ".",
+    ("A <|object_ref_start|>red circle<|object_ref_end|>" + codes_to_text([[1, 2]]) + " and a "
+     "<|object_ref_start|>blue star<|object_ref_end|>" + codes_to_text([[7, 8]]) + ".",
      "A red circle [mask 1] and a blue star [mask 2].", [(1, 2), (7, 8)], ["red circle", "blue star"], 0),
-    ("two" + T.codes_to_text([[1, 2], [3, 4]]) + "masks", "two [mask 1] [mask 2] masks", [(1, 2), (3, 4)], [None, None], 0),
+    ("two" + codes_to_text([[1, 2], [3, 4]]) + "masks", "two [mask 1] [mask 2] masks", [(1, 2), (3, 4)], [None, None], 0),
     ("\x00\ufffd<|mt_0001|>", "\x00\ufffd [mask 1]", [(1, -1)], [None], 0),
 ])
 def test_read_answer(text, answer, codes, labels, bad):
@@ -144,7 +146,7 @@ def test_region_mask_goes_into_the_prompt_as_its_two_words(ckpt, tok_ckpt, tmp_p
     image = infer.read_image(EXAMPLE, 10 ** 8)
     region = np.zeros((128, 128), bool)
     region[20:60, 30:80] = True
-    words = T.codes_to_text(T.load_tokenizer(tok_ckpt).encode(image, region[None]).numpy())
+    words = codes_to_text(load_tokenizer(tok_ckpt).encode(image, region[None]).numpy())
     # drawn at 2x the image's size (same aspect ratio): resized, same words
     Image.fromarray(np.kron(region, np.ones((2, 2), bool)).astype(np.uint8) * 255).save(tmp_path / "r.png")
     # a 0/1 label image counts 1 as the region
@@ -262,7 +264,9 @@ BAD = [  # (arguments; {d}: the bad-files folder, {ckpt}: the trained checkpoint
     ([EXAMPLE], "expected an image and a prompt"),
     ([EXAMPLE, SEGMENT, "extra"], "expected an image and a prompt"),
     ([EXAMPLE, "Describe {{mask}}."], "no --mask=REGION.png"),
-    ([EXAMPLE, SEGMENT, "--mask", "r.png"], "arguments look like --key=value"),
+    ([EXAMPLE, SEGMENT, "--"], "arguments look like --key=value"),
+    ([EXAMPLE, SEGMENT, "--mask"], "--mask needs a value"),                # followed by --out=...: no value
+    ([EXAMPLE, SEGMENT, "--mask", "{d}/wide_region.png"], "is 128x64 but the image is 128x128"),   # --key value
     ([EXAMPLE, SEGMENT, "--no_such=1"], "unknown option --no_such"),
     ([EXAMPLE, SEGMENT, "--max_pixels=1000"], "over the limit of"),
     ([EXAMPLE, SEGMENT, "--mask={d}/wide_region.png"], "is 128x64 but the image is 128x128"),

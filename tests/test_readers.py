@@ -350,7 +350,7 @@ def test_tokenizer_trains_on_coco(tmp_path):
     cfg = configure(T.DEFAULTS, T.PRESETS, ["--image_size=64", f"--data={spec}", "--n_train=5"])
     train = T.load_split(cfg, "train")
     assert len(train) == 5 and all(split_of(s["id"]) == "train" for s in train)
-    ms = T.MaskSet(train, 64, 4)
+    ms = T.MaskSet(train, 64)
     assert len(ms) == sum(len(s["masks"]) for s in train) and ms.images.shape == (5, 64, 64, 3)
     n_val = sum(split_of(im["file_name"]) == "val" for im in json.load(open(path))["images"])
     n_test = sum(split_of(im["file_name"]) == "test" for im in json.load(open(path))["images"])

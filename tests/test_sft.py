@@ -13,8 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import sft  # noqa: E402
-import tokenizer as T  # noqa: E402
+import tiny_vlm  # noqa: E402
+import vlm  # noqa: E402
 from conftest import TINY, build  # noqa: E402  (the fixtures tok_ckpt and world live in conftest.py too)
+from data.tasks import NO_TARGET, absent_refs, conversations  # noqa: E402
+from samtok import MASK_START, codes_to_text, load_tokenizer, mask_tokens, text_to_codes  # noqa: E402
 
 
 def fake_batch(processor, model, n=3):
@@ -51,21 +54,21 @@ def test_vocabulary_surgery(world, tmp_path, vocab_pad, tie):
         assert len(torch.unique(new, dim=0)) == 514                     # distinct rows
     if old_rows > len(tok):
         assert (emb[len(tok):] == 7.0).all()                            # padding past the words kept
-    for w, i in zip(T.mask_tokens(), ids):
+    for w, i in zip(mask_tokens(), ids):
         assert tok.encode(w, add_special_tokens=False) == [i] and tok.decode([i]) == w
-    text = "Segment " + T.codes_to_text([[12, 200], [0, 255]])
-    assert T.text_to_codes(tok.decode(tok.encode(text, add_special_tokens=False))) == [(12, 200), (0, 255)]
+    text = "Segment " + codes_to_text([[12, 200], [0, 255]])
+    assert text_to_codes(tok.decode(tok.encode(text, add_special_tokens=False))) == [(12, 200), (0, 255)]
     assert sft.add_mask_tokens(model, processor) == ids and torch.equal(model.get_input_embeddings().weight, emb)
 
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     model2 = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     proc2 = AutoProcessor.from_pretrained(tmp_path)
-    assert proc2.tokenizer.convert_tokens_to_ids(T.mask_tokens()) == ids
+    assert proc2.tokenizer.convert_tokens_to_ids(mask_tokens()) == ids
     assert not proc2.tokenizer.added_tokens_decoder[ids[5]].special
     images, samples = world[0], world[1]
-    ss, _ = sft.tokenize(sft.conversations(samples, 3, 0)[:3], images, processor, 10 ** 9)
-    batch, _ = sft.collate(ss, images, processor)
+    ss, _ = vlm.tokenize(conversations(samples, 3, 0)[:3], images, processor, 10 ** 9)
+    batch, _ = vlm.collate(ss, images, processor)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, model2(**batch).logits)
 
@@ -74,8 +77,8 @@ def test_qwen3_vl_builds_and_takes_the_words(world):
     model, processor = build(world[3], model_type="qwen3_vl")
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
     ids = sft.add_mask_tokens(model, processor)
-    ss, _ = sft.tokenize(sft.conversations(world[1], 3, 0)[:2], world[0], processor, 10 ** 9)
-    batch, labels = sft.collate(ss, world[0], processor)
+    ss, _ = vlm.tokenize(conversations(world[1], 3, 0)[:2], world[0], processor, 10 ** 9)
+    batch, labels = vlm.collate(ss, world[0], processor)
     loss, hits = sft.token_loss(model, batch, labels, torch.tensor(ids[1:-1]))
     assert torch.isfinite(loss) and hits[1] > 0
 
@@ -87,8 +90,8 @@ def test_token_loss_is_the_plain_loss_on_assistant_tokens(world, model_type):
     images, samples = world[0], world[1]
     model, processor = build(world[3], model_type=model_type)
     ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
-    ss, _ = sft.tokenize(sft.conversations(samples, 2, 0)[:4], images, processor, 10 ** 9)
-    batch, labels = sft.collate(ss, images, processor)
+    ss, _ = vlm.tokenize(conversations(samples, 2, 0)[:4], images, processor, 10 ** 9)
+    batch, labels = vlm.collate(ss, images, processor)
     with torch.no_grad():
         loss, hits = sft.token_loss(model, batch, labels, ids)
         full = model(**batch).logits[:, :-1]
@@ -106,13 +109,13 @@ def test_cached_visual_tokens_give_the_pixels_logits(world, model_type):
     images, samples = world[0], world[1]
     model, processor = build(world[3], model_type=model_type)
     sft.add_mask_tokens(model, processor)
-    visual = sft.visual_tokens(model, processor, images, torch.device("cpu"), batch=4)
+    visual = vlm.visual_tokens(model, processor, images, torch.device("cpu"), batch=4)
     assert visual["tokens"].shape[0] == len(images) and bool(visual["deep"]) == (model_type == "qwen3_vl")
-    convs = sft.conversations(samples, 1, 0)
-    ss, _ = sft.tokenize([next(c for c in convs if c[0]["img"] == i) for i in (3, 0, 5, 3)], images, processor, 10 ** 9)
+    convs = conversations(samples, 1, 0)
+    ss, _ = vlm.tokenize([next(c for c in convs if c[0]["img"] == i) for i in (3, 0, 5, 3)], images, processor, 10 ** 9)
     with torch.no_grad():
-        pixels = model(**sft.collate(ss, images, processor)[0]).logits
-        cached = model(**sft.collate(ss, images, processor, visual=visual)[0]).logits
+        pixels = model(**vlm.collate(ss, images, processor)[0]).logits
+        cached = model(**vlm.collate(ss, images, processor, visual=visual)[0]).logits
     assert torch.allclose(pixels, cached, atol=1e-5)
 
 
@@ -127,9 +130,9 @@ def test_labels_cover_exactly_the_assistant_tokens(world):
     picked = [next(s for s in samples if s["task"] == t) for t in ("refer", "caption", "gcg")]
     picked.append(next(s for s in samples if s["task"] == "refer" and s["kind"] == "none"))
     three = [s for s in samples if s["img"] == 1][:3]
-    convs, dropped = sft.tokenize([[s] for s in picked] + [three], images, processor, 10 ** 9)
+    convs, dropped = vlm.tokenize([[s] for s in picked] + [three], images, processor, 10 ** 9)
     assert dropped == 0
-    batch, labels = sft.collate(convs, images, processor)
+    batch, labels = vlm.collate(convs, images, processor)
     for k, c in enumerate(convs):
         msgs = []
         for j, t in enumerate(c["turns"]):
@@ -151,8 +154,8 @@ def test_labels_cover_exactly_the_assistant_tokens(world):
         assert not on[batch["input_ids"][k] == processor.image_token_id].any()
     n_pix = sum(int(g.prod()) for g in batch["image_grid_thw"])
     assert batch["pixel_values"].shape[0] == n_pix and len(batch["image_grid_thw"]) == len(convs)
-    assert picked[0]["answer"].startswith(T.MASK_START) and picked[3]["answer"] == sft.NO_TARGET
-    assert "<|object_ref_start|>" in picked[2]["answer"] and T.text_to_codes(picked[2]["answer"])
+    assert picked[0]["answer"].startswith(MASK_START) and picked[3]["answer"] == NO_TARGET
+    assert "<|object_ref_start|>" in picked[2]["answer"] and text_to_codes(picked[2]["answer"])
 
 
 def test_targets_sorted_by_box_centre(world):
@@ -163,17 +166,17 @@ def test_targets_sorted_by_box_centre(world):
         box = scenes[s["img"]][1]["boxes"][s["targets"]]
         cx = (box[:, 0] + box[:, 2]) / 2
         assert (np.diff(cx) >= 0).all()
-        assert len(T.text_to_codes(s["answer"])) == len(s["targets"])
+        assert len(text_to_codes(s["answer"])) == len(s["targets"])
 
 
 def test_long_sample_dropped_and_counted_never_cut(world):
     images, samples, scenes, cfg = world
     model, processor = build(cfg)
-    convs = sft.conversations(samples, 4, 0)
-    full, _ = sft.tokenize(convs, images, processor, 10 ** 9)
+    convs = conversations(samples, 4, 0)
+    full, _ = vlm.tokenize(convs, images, processor, 10 ** 9)
     lengths = np.array([len(c["ids"]) for c in full])
     limit = int(np.median(lengths))
-    kept, dropped = sft.tokenize(convs, images, processor, limit)
+    kept, dropped = vlm.tokenize(convs, images, processor, limit)
     assert dropped == (lengths > limit).sum() > 0 and len(kept) + dropped == len(convs)
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for c in kept:   # every kept conversation whole: all its image tokens, every reply to <|im_end|>
@@ -187,13 +190,13 @@ def test_absent_refs_name_nothing_in_the_scene():
     phrase it already has, and come only for scenes with colour and shape attributes."""
     from data import iter_scenes, matches
     for seed, scene in iter_scenes("train", 20):
-        extra = sft.absent_refs(seed, scene, 3)
+        extra = absent_refs(seed, scene, 3)
         assert len(extra) == 3 and all(r["targets"] == [] and r["kind"] == "none" for r in extra)
         assert not any(matches(o, r["attrs"]) for r in extra for o in scene["objects"])
         texts = [r["text"] for r in scene["refs"] + extra]
         assert len(texts) == len(set(texts))
     coco_like = dict(scene, objects=[{"category": "cat"}])
-    assert sft.absent_refs(seed, coco_like, 3) == []
+    assert absent_refs(seed, coco_like, 3) == []
 
 
 def test_conversations_keep_one_image_and_one_task(world):
@@ -201,7 +204,7 @@ def test_conversations_keep_one_image_and_one_task(world):
     (a region caption's prompt or a grounded description holds the very words a referring answer
     needs) and referring turns have disjoint targets; every sample lands in exactly one conversation."""
     samples = world[1]
-    convs = sft.conversations(samples, 4, 0)
+    convs = conversations(samples, 4, 0)
     assert all(len({(t["img"], t["task"]) for t in c}) == 1 and 1 <= len(c) <= 4 for c in convs)
     assert sorted(id(t) for c in convs for t in c) == sorted(id(s) for s in samples)
     assert len({c[0]["task"] for c in convs}) == 3
@@ -214,7 +217,7 @@ def test_conversations_keep_one_image_and_one_task(world):
 def test_length_buckets_pad_little(world):
     images, samples, scenes, cfg = world
     lengths = [len(s) for s in ["x" * n for n in np.random.default_rng(0).integers(20, 120, 3000)]]
-    stream = sft.micro_batches(lengths, 16, 0, 64)
+    stream = vlm.micro_batches(lengths, 16, 0, 64)
     pad = tot = 0
     seen = []
     for _ in range(3000 // 16):
@@ -231,8 +234,8 @@ def test_sft_steps_lower_the_loss(world):
     images, samples, scenes, cfg = world
     model, processor = build(cfg)
     ids = sft.add_mask_tokens(model, processor)
-    ss, _ = sft.tokenize(sft.conversations(samples, 4, 0)[:4], images, processor, 10 ** 9)
-    batch, labels = sft.collate(ss, images, processor)
+    ss, _ = vlm.tokenize(conversations(samples, 4, 0)[:4], images, processor, 10 ** 9)
+    batch, labels = vlm.collate(ss, images, processor)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -250,8 +253,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(world):
     images, samples, scenes, cfg = world
     model, processor = build(cfg)
     ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
-    ss, _ = sft.tokenize(sft.conversations(samples, 4, 0)[:2], images, processor, 10 ** 9)
-    batch, labels = sft.collate(ss, images, processor)
+    ss, _ = vlm.tokenize(conversations(samples, 4, 0)[:2], images, processor, 10 ** 9)
+    batch, labels = vlm.collate(ss, images, processor)
     model.train()
     grads = []
     for ckpt in (False, True):
@@ -308,6 +311,9 @@ def test_script_ddp_fsdp_resume_eval(world, tok_ckpt, tmp_path):
     ddp, fsdp = finish(jobs[0]), finish(jobs[1])
 
     assert "stopping after 2 steps" in first and "resuming from step 2" in second
+    # the resumed run read train_state.pt with weights_only=True (vlm.resume_dir): plain tensors and containers
+    state = torch.load(os.path.join(o["one"], "model", "train_state.pt"), weights_only=True)
+    assert state["step"] == 3 and state["config"]["stage"] == "sft" and state["optimizer"]["state"]
     ref = losses_of(first) + losses_of(second)
     assert len(ref) == 3 and ref[-1] < ref[0]
     assert np.allclose(losses_of(ddp), ref, atol=2e-4), (losses_of(ddp), ref)
@@ -342,7 +348,7 @@ def test_script_config_built_frozen_tower_ddp_fsdp(tok_ckpt, tmp_path):
     assert "vision pretraining 2/2" in one
     assert len(losses_of(one)) == 2
     # grpo.py reads this to keep the tower frozen too
-    stage = sft.stage_config(str(tmp_path / "one" / "model"))
+    stage = vlm.stage_config(str(tmp_path / "one" / "model"))
     assert stage["stage"] == "sft" and stage["tower_frozen"] is True
     assert np.allclose(losses_of(ddp), losses_of(one), atol=2e-4)
     assert np.allclose(losses_of(fsdp), losses_of(one), atol=2e-4)
@@ -361,6 +367,20 @@ def finish_bad(p):
     return err
 
 
+def test_final_evaluation_reports_metrics_a_dataset_cannot_give(tmp_path, monkeypatch, capsys):
+    """A dataset without no-target phrases or captions (COCO, RefCOCO, a plain folder) has no N-acc
+    and no caption score: vlm.evaluate says None, and the final report must still be written and printed."""
+    metrics = dict(refer_miou=0.5, refer_ciou=0.4, tokenizer_ceiling_miou=0.8, nacc=None, exact_match=0.1,
+                   caption_attr_acc=None)
+    monkeypatch.setattr(sft, "load_pretrained", lambda path, cfg: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(sft, "evaluate", lambda *a, **k: dict(metrics))
+    cfg = dict(sft.DEFAULTS, out_dir=str(tmp_path), preset="tiny")
+    sft.final_evaluation(cfg, None, torch.device("cpu"), 0.01, 0, 1.0)
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved["nacc"] is None and saved["refer_miou_over_ceiling"] == pytest.approx(0.625)
+    assert "test: referring mIoU 0.5000" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- config-built model: word rows and vision pretraining
 def test_codebook_word_init_keeps_the_codebook_geometry(world):
     """word_init=codebook: each level's 256 rows are one affine image of its codebook (so codes
@@ -369,7 +389,7 @@ def test_codebook_word_init_keeps_the_codebook_geometry(world):
     model, processor = build(cfg)
     ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
     cb = torch.randn(2, 256, 32)
-    sft.init_words_from_codebook(model, ids, cb)
+    tiny_vlm.init_words_from_codebook(model, ids, cb)
     W = model.get_input_embeddings().weight.detach()
     for level in range(2):
         rows = W[ids[256 * level:256 * (level + 1)]]
@@ -383,13 +403,13 @@ def test_codebook_word_init_keeps_the_codebook_geometry(world):
 def test_vision_pretraining_lowers_its_loss(world, tok_ckpt):
     """pretrain_vision on six scenes: the dense loss falls, and only the vision tower changes."""
     images, _, scenes, cfg = world
-    tok = T.load_tokenizer(tok_ckpt)
-    images, _, scenes, codes = sft.load_world("train", 6, tok, cfg, ("refer",), keep_masks=True)
+    mask_tok = load_tokenizer(tok_ckpt)
+    images, _, scenes, codes = vlm.load_world("train", 6, mask_tok, cfg, ("refer",), keep_masks=True)
     model, processor = build(cfg)
     text_before = model.get_input_embeddings().weight.clone()
     losses = []
     log = lambda line: losses.append(float(line.split("loss ")[1].split()[0]))
-    sft.pretrain_vision(model, processor, images, scenes, codes, tok.rvq.codebook.float(),
-                        dict(cfg, vision_pretrain_steps=60, vision_pretrain_batch=6), log=log)
+    tiny_vlm.pretrain_vision(model, processor, images, scenes, codes, mask_tok.rvq.codebook.float(),
+                             dict(cfg, vision_pretrain_steps=60, vision_pretrain_batch=6), log=log)
     assert len(losses) == 1 and losses[0] < 3.0       # starts near ln(9) + ln(7) + 1 ~ 5.1
     assert torch.equal(model.get_input_embeddings().weight, text_before)

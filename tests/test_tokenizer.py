@@ -12,8 +12,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import samtok  # noqa: E402
 import tokenizer as T  # noqa: E402
-from common import atomic_save, configure  # noqa: E402
+from common import UserError, atomic_save, configure  # noqa: E402
 from data import make_scene  # noqa: E402
 
 # A SAMTok small enough to build and run in a second: 64 px images, 32-d latent.
@@ -27,14 +28,14 @@ RUN = TINY + ["--n_train=8", "--n_val=4", "--n_test=4", "--pretrain_steps=3", "-
 def model():
     torch.manual_seed(0)
     cfg = configure(T.DEFAULTS, T.PRESETS, TINY)
-    m = T.SAMTok(cfg).eval()
+    m = samtok.SAMTok(cfg).eval()
     m.rvq.init_codebooks(torch.randn(512, 32))
     return m
 
 
 # ---------------------------------------------------------------- masks as words
 def test_mask_tokens_are_514_words():
-    words = T.mask_tokens()
+    words = samtok.mask_tokens()
     assert len(words) == 514 == len(set(words))
     assert words[0] == "<|mt_start|>" and words[1] == "<|mt_0000|>" and words[-2] == "<|mt_0511|>"
 
@@ -42,12 +43,12 @@ def test_mask_tokens_are_514_words():
 def test_text_round_trip_all_code_pairs():
     a, b = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
     codes = np.stack([a.ravel(), b.ravel()], 1)          # all 65,536 pairs
-    text = T.codes_to_text(codes)
-    assert T.codes_to_text([3, 7]) == "<|mt_start|><|mt_0003|><|mt_0263|><|mt_end|>"
-    assert T.text_to_codes(text) == [tuple(map(int, c)) for c in codes]
-    assert T.text_to_codes(T.codes_to_text([[9, -1]])) == [(9, -1)]     # level-1-only mask
+    text = samtok.codes_to_text(codes)
+    assert samtok.codes_to_text([3, 7]) == "<|mt_start|><|mt_0003|><|mt_0263|><|mt_end|>"
+    assert samtok.text_to_codes(text) == [tuple(map(int, c)) for c in codes]
+    assert samtok.text_to_codes(samtok.codes_to_text([[9, -1]])) == [(9, -1)]     # level-1-only mask
     with pytest.raises(ValueError):
-        T.codes_to_text([[256, 0]])
+        samtok.codes_to_text([[256, 0]])
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -65,7 +66,7 @@ def test_text_round_trip_all_code_pairs():
     ("<|mt_start|><|mt_12|><|mt_abcd|> <mt_0001> garbage", []),
 ])
 def test_tolerant_parse(text, expected):
-    assert T.text_to_codes(text) == expected
+    assert samtok.text_to_codes(text) == expected
 
 
 # ---------------------------------------------------------------- model API
@@ -114,29 +115,31 @@ def test_encode_rejects_bad_masks(model):
 
 def test_save_load_identical_codes(model, tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    atomic_save({"stage": "tokenizer", "config": model.cfg, "model": model.state_dict()}, path)
-    loaded = T.load_tokenizer(path)
+    atomic_save({"stage": "tokenizer", "config": model.config.to_dict(), "model": model.state_dict()}, path)
+    loaded = samtok.load_tokenizer(path)
+    assert loaded.config == model.config and loaded.checkpoint == path
     s = make_scene(6, size=64)
     assert torch.equal(loaded.encode(s["image"], s["masks"]), model.encode(s["image"], s["masks"]))
     assert np.array_equal(loaded.decode(s["image"], [[1, 2]]), model.decode(s["image"], [[1, 2]]))
     atomic_save({"stage": "sam2", "model": {}}, str(tmp_path / "other.pt"))
-    with pytest.raises(T.UserError, match="not a tokenizer"):
-        T.load_tokenizer(str(tmp_path / "other.pt"))
-    with pytest.raises(T.UserError, match="no tokenizer checkpoint"):
-        T.load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="not a tokenizer"):
+        samtok.load_tokenizer(str(tmp_path / "other.pt"))
+    with pytest.raises(UserError, match="no tokenizer checkpoint"):
+        samtok.load_tokenizer(str(tmp_path / "missing"))
 
 
 def test_training_steps_lower_the_loss():
     torch.manual_seed(0)
     cfg = configure(T.DEFAULTS, T.PRESETS, TINY)
-    m = T.SAMTok(cfg)
-    ms = T.MaskSet([make_scene(i, size=64) for i in range(4)], 64, 4)
+    m = samtok.SAMTok(cfg)
+    ms = T.MaskSet([make_scene(i, size=64) for i in range(4)], 64)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     m.rvq.init_codebooks(torch.randn(256, 32))
     losses = []
     for _ in range(25):
-        logits, iou_pred, commit, codes = m(None, ms.prompts, ms.boxes, mode="quant",
-                                            x=m.preprocess(ms.images), img_idx=ms.scene)
+        # the image encoder runs inside the graph: it trains too
+        fpn = m.image_features(m.preprocess(ms.images))
+        logits, iou_pred, commit, codes = m(fpn, ms.prompts, ms.boxes, img_idx=ms.scene, quantize=True)
         loss, _ = T.mask_loss(logits, iou_pred, ms.masks, cfg)
         opt.zero_grad()
         (loss + commit).backward()
@@ -157,13 +160,13 @@ def test_script_interrupt_and_resume(tmp_path):
     r = run_script(RUN + [f"--out_dir={out}", "--steps=6", "--stop_after=3"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "stopping after 3 steps" in r.stdout
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)   # plain tensors and containers only
     assert ck["step"] == 2 and ck["stage"] == "tokenizer"          # the last checkpoint before the stop
     assert not os.path.exists(os.path.join(out, "metrics.json"))
     r = run_script(RUN + [f"--out_dir={out}", "--steps=6", "--resume=true"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resuming from step 2" in r.stdout and "step     3" in r.stdout and "step     1 " not in r.stdout
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 6
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 6
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for key in ("recon_miou", "recon_miou_level1", "recon_miou_by_area", "usage", "perplexity",
                 "masks_per_s", "train_seconds"):
