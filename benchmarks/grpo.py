@@ -14,6 +14,7 @@ Stage 2 kept frozen (the tiny preset's whole vision tower, from its stage_config
 frozen in the model handed to the Trainer too (vlm.set_trainable).
 """
 
+import json
 import os
 import re
 import warnings
@@ -89,6 +90,22 @@ def run_trl_grpo(cfg, device, steps):
     return dict(step_seconds=clock.seconds, lengths=lengths, rewards=rewards, same_prompt=same_prompt)
 
 
+def grpo_py(args, gcfg, N, w):
+    """grpo.py run as a user runs it -> (its step lines, the timed ones, their seconds, completions/s,
+    the share of each part of a step: sampling, reward, reference, policy forward, backward, optimizer)."""
+    out = run_script("grpo.py", args)
+    lines = {int(m[1]): dict(reward=float(m[2]), length=float(m[3]), ms=int(m[4]), sampling=int(m[5]) / 100,
+                             comp_s=int(m[6])) for m in GRPO_LINE.finditer(out)}
+    if set(lines) != set(range(1, N + 1)):
+        raise RuntimeError(f"could not read grpo.py's step lines (got steps {sorted(lines)[:5]}...)")
+    # each step line holds that step's own ms and sampling share: sum the timed ones
+    timed = [lines[s] for s in range(w + 1, N + 1)]
+    seconds = sum(x["ms"] for x in timed) / 1e3
+    with open(os.path.join(gcfg["out_dir"], "metrics.json")) as f:
+        profile = json.load(f).get("profile", {})
+    return lines, timed, seconds, gcfg["batch_size"] * len(timed) / seconds, profile
+
+
 def measure(cfg, device):
     """Completions/s and ms/step of each side over the steps after the warm-up, completion
     lengths, grpo.py's sampling share, the mean reward."""
@@ -106,16 +123,13 @@ def measure(cfg, device):
         resolve_init(gcfg["init_from"])
     except UserError as e:
         raise UserError(f"grpo section: {e}")
-    # ---- grpo.py, its own process; per-step lines (log_every=1) give each step's figures
-    out = run_script("grpo.py", args)
-    lines = {int(m[1]): dict(reward=float(m[2]), length=float(m[3]), ms=int(m[4]), sampling=int(m[5]) / 100,
-                             comp_s=int(m[6])) for m in GRPO_LINE.finditer(out)}
-    if set(lines) != set(range(1, N + 1)):
-        raise RuntimeError(f"could not read grpo.py's step lines (got steps {sorted(lines)[:5]}...)")
-    # each step line holds that step's own ms and sampling share: sum the timed ones
-    timed = [lines[s] for s in range(w + 1, N + 1)]
-    ours_s = sum(x["ms"] for x in timed) / 1e3
-    ours_comp_s = gcfg["batch_size"] * len(timed) / ours_s
+    # ---- grpo.py, its own process, with the shared prefix (the default) and without it: per-step
+    # lines (log_every=1) give each step's figures, metrics.json where its time went
+    runs = {share: grpo_py(args + [f"--share_prefix={share}"], gcfg, N, w) for share in (True, False)}
+    lines, timed, ours_s, ours_comp_s, profile = runs[True]
+    print(table(["where a grpo.py step's time goes", "shared prefix", "unshared"],
+                [[k, f"{runs[True][4].get(k, 0):.0%}", f"{runs[False][4].get(k, 0):.0%}"] for k in runs[False][4]]
+                + [["ms / step", runs[True][2] / len(timed) * 1e3, runs[False][2] / len(timed) * 1e3]]))
     # ---- TRL, this process
     trl = run_trl_grpo(gcfg, device, N)
     trl_s = sum(trl["step_seconds"][w:])                 # the same steps after the same warm-up
@@ -132,6 +146,8 @@ def measure(cfg, device):
           f"policy {gcfg['init_from']}; device {device.type}")
     return {"grpo_speed_ratio": ours_comp_s / trl_comp_s,
             "grpo": dict(steps=N, warmup=w, completions_per_step=gcfg["batch_size"], G=gcfg["num_generations"],
+                         unshared_completions_s=runs[False][3], unshared_ms_step=runs[False][2] / len(timed) * 1e3,
+                         profile_shared=runs[True][4], profile_unshared=runs[False][4], beta=gcfg["beta"],
                          max_new_tokens=gcfg["max_new_tokens"], ours_completions_s=ours_comp_s,
                          trl_completions_s=trl_comp_s, ours_ms_step=ours_s / len(timed) * 1e3,
                          trl_ms_step=trl_s / (N - w) * 1e3, ours_mean_length=rows[0][3], trl_mean_length=rows[1][3],
