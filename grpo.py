@@ -46,7 +46,8 @@ from data.tasks import NO_TARGET
 from samtok import load_tokenizer, text_to_codes
 from vlm import (banned_tokens, batch_logps, completion_batch, completion_text, evaluate, gt_union, load_model,
                  load_prompts, metrics_line, micro_batches, parallelize, resolve_init, resume_dir, rollout,
-                 save_checkpoint, set_trainable, stage_config, tokenize_prompts, unwrap, vision_tower, visual_tokens)
+                 save_checkpoint, set_trainable, stage_config, tokenize_prompts, tokenizer_of, unwrap, vision_tower,
+                 visual_tokens)
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -253,8 +254,8 @@ def score_rollouts(rows, prompts, cfg, decode=None, gt_union=None):
 def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref=None, lr=None, visual=None, times=None):
     """num_iterations optimizer steps on one batch of rollouts. rows: the step's completions that
     carry a loss (main drops the groups of all-equal rewards when beta = 0: their advantage is 0),
-    every rank holding the same list, each a dict with prompt, ids (completion token ids) and adv. Rows are cut into micro-batches of micro_batch completions;
-    micro-batch j goes to rank j % world. Every rank runs the same number of forward / backward
+    every rank holding the same list, each a dict with prompt, ids (completion token ids) and adv.
+    Rows are cut into micro-batches of micro_batch completions; micro-batch j goes to rank j % world. Every rank runs the same number of forward / backward
     passes (a rank left without a micro-batch runs the first one with weight 0), so DDP's and
     FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
     high-clipped, tokens]. times (a dict, optional) receives the seconds of each part."""
@@ -345,7 +346,8 @@ def load_start(cfg, device):
     init = resolve_init(cfg["init_from"])
     cfg["tower_frozen"] = bool(stage_config(init).get("tower_frozen"))
     print0(f"inherited from {init}: tower_frozen={cfg['tower_frozen']}")
-    mask_tok = load_tokenizer(cfg["tokenizer_ckpt"]).to(device)   # decodes on the same device (iou reward, evaluation)
+    # decodes on the same device (iou reward, evaluation); a released model brings its own tokenizer
+    mask_tok = load_tokenizer(tokenizer_of(cfg, init, DEFAULTS["tokenizer_ckpt"])).to(device)
     src, state = (None, None)
     if cfg["resume"]:
         src, state = resume_dir(os.path.join(cfg["out_dir"], "model"))
