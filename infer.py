@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from common import PALETTE, UserError, configure, die, help_text, overlay, resize_image
+from data.tasks import REF_END, REF_START
 from samtok import codes_to_text, load_tokenizer, mask_tokens, released_files, text_to_codes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -180,31 +181,23 @@ def load(cfg):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda but no CUDA device is available")
     device = torch.device("cuda" if cfg["device"] != "cpu" and torch.cuda.is_available() else "cpu")
-    # bf16 on a GPU (as the models were trained); fp32 on the CPU, where bf16 matmuls are no faster here
+    # bf16 on a GPU (as the models were trained); fp32 on the CPU, where bf16 measured slower (docs/LOG.md)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16}.get(cfg["dtype"])
     if dtype is None:
         raise UserError(f"--dtype takes auto, fp32 or bf16, got {cfg['dtype']!r}")
-    try:
-        model, processor = load_pretrained(ckpt, dict(image_size=S), dtype)
-    except UserError:
-        raise                        # already one clear line
-    except Exception as e:           # a damaged weight file, a config of an unknown family, ...
-        raise UserError(f"cannot load the VLM in {ckpt!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    model, processor = load_pretrained(ckpt, dict(image_size=S), dtype)
     vocab = processor.tokenizer.get_vocab()
     if not all(w in vocab for w in mask_tokens()):
         raise UserError(f"{ckpt!r} is a Qwen-VL without the 514 mask words, not a SAMTok checkpoint: train it "
                         f"with sft.py first")
     try:
         mask_tok = load_tokenizer(tok_path, device, cfg["sam2_ckpt"])
-    except UserError:
-        raise
-    except Exception as e:
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:      # a checkpoint of other keys or shapes
         raise UserError(f"cannot load the tokenizer checkpoint {tok_path!r}: {type(e).__name__}: {e}")
     return model.to(device).eval(), processor, mask_tok, S, ckpt, tok_path
 
 # ----------------------------------------------------------------------------- the answer
-REF_START, REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
 # a run of consecutive mask words; text_to_codes splits a run into its spans
 MASK_RUN = re.compile(r"(?:<\|mt_(?:start|end|\d{4})\|>)+")
 

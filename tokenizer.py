@@ -279,7 +279,7 @@ def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
     # a saved pretraining is reused only when everything that shaped it is the same
     meta = {k: cfg[k] for k in cfg if k in SAM2_KEYS + ("data", "n_train", "seed") or k.startswith("pretrain_")}
     if resumed is not None:
-        pass                                                # the checkpoint holds every weight
+        print0("SAM2 weights: the resumed checkpoint's")
     elif cfg["sam2_ckpt"]:
         load_sam2_checkpoint(model, cfg["sam2_ckpt"])
     elif os.path.exists(path) and (saved := read_checkpoint(path))["meta"] == meta:

@@ -343,8 +343,8 @@ def load_pretrained(path, cfg, dtype=torch.float32):
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a Qwen-VL model from {path!r}: {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001  a missing folder, a damaged weight file, a config of an unknown family
+        raise UserError(f"cannot load a Qwen-VL model from {path!r}: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}")
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
     if not cfg["image_size"]:
