@@ -255,9 +255,9 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
     """num_iterations optimizer steps on one batch of rollouts. rows: the step's completions that
     carry a loss (main drops the groups of all-equal rewards when beta = 0: their advantage is 0),
     every rank holding the same list, each a dict with prompt, ids (completion token ids) and adv.
-    Rows are cut into micro-batches of micro_batch completions; micro-batch j goes to rank j % world. Every rank runs the same number of forward / backward
-    passes (a rank left without a micro-batch runs the first one with weight 0), so DDP's and
-    FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
+    Rows are cut into micro-batches of micro_batch completions; micro-batch j goes to rank j % world.
+    Every rank runs the same number of forward / backward passes (a rank left without a micro-batch
+    runs the first one with weight 0), so DDP's and FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
     high-clipped, tokens]. times (a dict, optional) receives the seconds of each part."""
     device, times = next(net.parameters()).device, {} if times is None else times
 
