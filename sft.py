@@ -268,8 +268,7 @@ def main():
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP does not broadcast)
     print0("config:", cfg)
     t_start, model_dir = time.time(), os.path.join(cfg["out_dir"], "model")
-    # Stage 1: every target mask -> its two words (a released base model brings its own tokenizer)
-    mask_tok = load_tokenizer(tokenizer_of(cfg, cfg["base_model"], DEFAULTS["tokenizer_ckpt"]))
+    mask_tok = load_tokenizer(tokenizer_of(cfg, cfg["base_model"], DEFAULTS["tokenizer_ckpt"]))   # Stage 1: mask -> words
     model, processor, images, convs, word_ids, state, dropped = setup(cfg, mask_tok, tasks, model_dir)
     net, opt, params, visual, stream = prepare_training(model, processor, images, convs, cfg, world, device, state)
 
