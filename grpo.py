@@ -46,7 +46,8 @@ from data.tasks import NO_TARGET
 from samtok import load_tokenizer, text_to_codes
 from vlm import (banned_tokens, batch_logps, completion_batch, completion_text, evaluate, gt_union, load_model,
                  load_prompts, metrics_line, micro_batches, parallelize, resolve_init, resume_dir, rollout,
-                 save_checkpoint, set_trainable, stage_config, tokenize_prompts, unwrap, vision_tower, visual_tokens)
+                 save_checkpoint, set_trainable, stage_config, tokenize_prompts, tokenizer_of, unwrap, vision_tower,
+                 visual_tokens)
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -96,6 +97,7 @@ PRESETS = {
                   freeze_vision=True, fsdp=True, grad_checkpointing=True, log_every=1, ckpt_every=50,
                   eval_n=500, eval_batch=32),
 }
+# the paper's textual reward (match), a half-credit variant for the level-1 word, and the pixel IoU
 REWARDS = ("match", "match_partial", "iou")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 ADV_EPS = 1e-4   # the eps of (R - mean) / (std + eps): only keeps a near-zero std from exploding A
@@ -253,10 +255,10 @@ def score_rollouts(rows, prompts, cfg, decode=None, gt_union=None):
 def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref=None, lr=None, visual=None, times=None):
     """num_iterations optimizer steps on one batch of rollouts. rows: the step's completions that
     carry a loss (main drops the groups of all-equal rewards when beta = 0: their advantage is 0),
-    every rank holding the same list, each a dict with prompt, ids (completion token ids) and adv. Rows are cut into micro-batches of micro_batch completions;
-    micro-batch j goes to rank j % world. Every rank runs the same number of forward / backward
-    passes (a rank left without a micro-batch runs the first one with weight 0), so DDP's and
-    FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
+    every rank holding the same list, each a dict with prompt, ids (completion token ids) and adv.
+    Rows are cut into micro-batches of micro_batch completions; micro-batch j goes to rank j % world.
+    Every rank runs the same number of forward / backward passes (a rank left without a micro-batch
+    runs the first one with weight 0), so DDP's and FSDP's collectives line up. Returns the step's stats summed over ranks: [KL, low-clipped,
     high-clipped, tokens]. times (a dict, optional) receives the seconds of each part."""
     device, times = next(net.parameters()).device, {} if times is None else times
 
@@ -343,9 +345,11 @@ def load_start(cfg, device):
     own checkpoint when resuming. -> (mask_tok, init folder, images, prompts, scenes, model,
     processor, train state or None)."""
     init = resolve_init(cfg["init_from"])
+    # what Stage 2 decided about the vision tower carries over, said as it is inherited
     cfg["tower_frozen"] = bool(stage_config(init).get("tower_frozen"))
     print0(f"inherited from {init}: tower_frozen={cfg['tower_frozen']}")
-    mask_tok = load_tokenizer(cfg["tokenizer_ckpt"]).to(device)   # decodes on the same device (iou reward, evaluation)
+    # decodes on the same device (iou reward, evaluation); a released model brings its own tokenizer
+    mask_tok = load_tokenizer(tokenizer_of(cfg, init, DEFAULTS["tokenizer_ckpt"])).to(device)
     src, state = (None, None)
     if cfg["resume"]:
         src, state = resume_dir(os.path.join(cfg["out_dir"], "model"))
@@ -393,6 +397,7 @@ def step_record(step, R, equal, stats, kl, rows, times, t_upd, seconds):
 def log_line(window, step, steps, lr, ref):
     """One line for the last log_every steps: reward and its spread, the clip fractions, KL,
     lengths, ms/step with the share of sampling, completions/s."""
+    # zero-std: the share of groups whose G rewards are all equal, which teach nothing but the KL
     w = {k: np.mean([x[k] for x in window]) for k in ("reward", "reward_std", "frac_reward_zero_std",
                                                       "clip_low", "clip_high", "length", "truncated")}
     secs = sum(x["seconds"] for x in window)
@@ -407,6 +412,7 @@ def log_line(window, step, steps, lr, ref):
 def finish(cfg, history, before, mask_tok, device, t_start):
     """The reward curve, the throughput and the evaluation after (the model as saved, loaded fresh,
     as infer.py or a user would): metrics.json and gallery.png."""
+    # the learning curve in two numbers: the mean reward of the first and of the last tenth of the steps
     out, k, secs = cfg["out_dir"], max(1, len(history) // 10), max(sum(h["seconds"] for h in history), 1e-9)
     metrics = dict(before=before, after=None,
                    reward_first=float(np.mean([h["reward"] for h in history[:k]])),
@@ -453,6 +459,7 @@ def sample_and_score(model, processor, mask_tok, prompts, images, scenes, my_pro
     each scored from its text alone (the iou reward decodes over each scene's own image), then
     gathered: every rank holds the whole step's rows in the step's order."""
     G, t0 = cfg["num_generations"], time.time()
+    # sampled in eval mode (as the policy is deployed), trained in train mode, from the same weights
     model.eval()
     with autocast(device):
         comps = rollout(model, processor, [prompts[j] for j in my_prompts], images, G, cfg["max_new_tokens"],

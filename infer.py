@@ -30,18 +30,22 @@ import numpy as np
 import torch
 
 from common import PALETTE, UserError, configure, die, help_text, overlay, resize_image
-from samtok import codes_to_text, load_tokenizer, mask_tokens, text_to_codes
+from data.tasks import REF_END, REF_START
+from samtok import codes_to_text, load_tokenizer, mask_tokens, released_files, text_to_codes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
     ckpt="",                    # a VLM folder (save_pretrained); empty: the newest of out/grpo/model, out/sft/model
-    tokenizer_ckpt="",          # Stage-1 checkpoint; empty: the one the VLM was trained with (its stage_config.json)
-    image_size=0,               # the VLM's square input size; 0: the one it was trained at (stage_config.json)
+    tokenizer_ckpt="",          # Stage-1 checkpoint; empty: the one the VLM was trained with (its stage_config.json),
+                                # or a released model's own mask_tokenizer_*.pth
+    sam2_ckpt="",               # SAM2.1 file for a released tokenizer without its image encoder; empty: the one beside it
+    image_size=0,               # the VLM's square input size; 0: the one it was trained at, or a released model's native one
     mask="",                    # a region PNG (white on black) whose two words replace {mask} in the prompt
     out="out/infer",            # where the mask PNGs, the overlay and the JSON go
     device="auto",              # auto | cpu | cuda
+    dtype="auto",               # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: the VLM's weights
     max_new_tokens=256,         # a mask is 4 tokens; a grounded description of 6 objects is ~100
     max_pixels=89_478_485,      # larger images are refused (PIL's decompression-bomb limit by default)
 )
@@ -162,38 +166,60 @@ def load(cfg):
     from vlm import load_pretrained
     hf_logging.disable_progress_bar()    # a bar for loading a few MB of weights is noise here
     ckpt, stage = find_checkpoint(cfg["ckpt"])
+    # Our checkpoints name their tokenizer and input size (stage_config.json). A released model
+    # (the authors' folders) carries its tokenizer inside and reads images at the processor's
+    # native resolution, aspect ratio kept, as it was trained: S = 0, no square resize.
+    released = released_files(ckpt) if not stage else None
     S = cfg["image_size"] or stage.get("image_size", 0)
-    tok_path = cfg["tokenizer_ckpt"] or resolve(stage.get("tokenizer_ckpt", ""))
-    if not S or not tok_path:
-        raise UserError(f"{ckpt!r} has no stage_config.json, so it was not written by sft.py or grpo.py: to use another "
-                        f"SAMTok VLM pass --image_size=PIXELS and --tokenizer_ckpt=PATH")
+    tok_path = cfg["tokenizer_ckpt"] or (resolve(stage["tokenizer_ckpt"]) if stage.get("tokenizer_ckpt") else "") \
+        or (ckpt if released else "")
+    if not tok_path:
+        raise UserError(f"{ckpt!r} has no stage_config.json and no mask_tokenizer_*.pth, so neither sft.py, grpo.py nor "
+                        f"the authors wrote it: pass --tokenizer_ckpt=PATH (and --image_size=PIXELS if it was trained square)")
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device takes auto, cpu or cuda, got {cfg['device']!r}")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda but no CUDA device is available")
     device = torch.device("cuda" if cfg["device"] != "cpu" and torch.cuda.is_available() else "cpu")
-    try:
-        model, processor = load_pretrained(ckpt, dict(image_size=S))
-    except UserError:
-        raise                        # already one clear line
-    except Exception as e:           # a damaged weight file, a config of an unknown family, ...
-        raise UserError(f"cannot load the VLM in {ckpt!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    # bf16 on a GPU (as the models were trained); fp32 on the CPU, where bf16 measured slower (docs/LOG.md)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
+             "bf16": torch.bfloat16}.get(cfg["dtype"])
+    if dtype is None:
+        raise UserError(f"--dtype takes auto, fp32 or bf16, got {cfg['dtype']!r}")
+    model, processor = load_pretrained(ckpt, dict(image_size=S), dtype)
     vocab = processor.tokenizer.get_vocab()
     if not all(w in vocab for w in mask_tokens()):
         raise UserError(f"{ckpt!r} is a Qwen-VL without the 514 mask words, not a SAMTok checkpoint: train it "
                         f"with sft.py first")
     try:
-        mask_tok = load_tokenizer(tok_path, device)
-    except UserError:
-        raise
-    except Exception as e:
+        mask_tok = load_tokenizer(tok_path, device, cfg["sam2_ckpt"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:      # a checkpoint of other keys or shapes
         raise UserError(f"cannot load the tokenizer checkpoint {tok_path!r}: {type(e).__name__}: {e}")
     return model.to(device).eval(), processor, mask_tok, S, ckpt, tok_path
 
 # ----------------------------------------------------------------------------- the answer
-REF_START, REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
 # a run of consecutive mask words; text_to_codes splits a run into its spans
 MASK_RUN = re.compile(r"(?:<\|mt_(?:start|end|\d{4})\|>)+")
+
+
+ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)      # R1-style: <think>...</think><answer>...</answer>
+
+
+def authors_format(text):
+    """The released models' answer formats in ours: the part inside <answer>...</answer>, and a JSON
+    list [{"mask_2d": "<|mt_start|>...<|mt_end|>", "label": "..."}, ...] as grounded phrases, each
+    <|object_ref_start|>label<|object_ref_end|> followed by its mask words. Other text is returned as it is."""
+    if m := ANSWER.search(text):
+        text = m.group(1).strip()
+    start, end = text.find("["), text.rfind("]")
+    try:
+        items = json.loads(text[start:end + 1]) if 0 <= start < end else None
+    except ValueError:
+        return text
+    if not isinstance(items, list) or not items or not all(isinstance(d, dict) and isinstance(d.get("mask_2d"), str)
+                                                            for d in items):
+        return text
+    return ", ".join(f"{REF_START}{d.get('label') or ''}{REF_END}{d['mask_2d']}" for d in items)
 
 
 def read_answer(text):
@@ -202,7 +228,9 @@ def read_answer(text):
     section 2 repairs: 3+ codes keep two, one code -> level 2 = -1, an out-of-place id -> -1);
     a span without a valid level-1 code cannot be decoded and shows as [malformed mask]. The
     label of a mask is the grounded phrase in <|object_ref_start|>...<|object_ref_end|> right
-    before it (grounded conversation), if any. Never raises, whatever the text."""
+    before it (grounded conversation), if any; the authors' formats are read too (authors_format).
+    Never raises, whatever the text."""
+    text = authors_format(text)
     out, codes, labels, bad, last = [], [], [], 0, 0
     for m in MASK_RUN.finditer(text):
         before = text[last:m.start()]
@@ -395,9 +423,10 @@ def main(argv=None):
             except ValueError as e:
                 raise UserError(f"region mask {cfg['mask']!r}: {e}")
             asked = prompt.replace("{mask}", words) if "{mask}" in prompt else f"{prompt} {words}"
-        # The VLM sees the image as it saw every training image: a plain resize to S x S. The
+        # The VLM sees the image as it saw every training image: a plain resize to S x S (ours), or
+        # the image itself at the processor's native resolution (S = 0: a released model). The
         # tokenizer below sees the original and paints the masks at its own size.
-        generated = chat(model, processor, resize_image(image, S).copy(), asked, cfg["max_new_tokens"])
+        generated = chat(model, processor, (resize_image(image, S) if S else image).copy(), asked, cfg["max_new_tokens"])
         t_gen = time.time()
         answer, codes, labels, bad = read_answer(generated)
         masks = decode_masks(mask_tok, image, codes)

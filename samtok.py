@@ -60,22 +60,28 @@ def text_to_codes(text):
     """Tolerant parse of generated text -> list of (c1, c2), one per mask span; never raises.
     A span opens at <|mt_start|> (or at a code outside any span) and closes at <|mt_end|> or
     the next <|mt_start|>. Repairs (PAPER.md section 2): 3+ codes keep the first two; one code
-    gives level 2 = -1; a level-2 slot holding a level-1 id, or any id out of range, is -1."""
-    spans, cur = [], None
+    gives level 2 = -1; a level-2 slot holding a level-1 id, or any id out of range, is -1. A run
+    of codes with no delimiters at all and an even count of 4 or more is read as consecutive
+    pairs, as the authors' demo reads it (<|mt_0003|><|mt_0300|><|mt_0005|><|mt_0301|>: 2 masks)."""
+    spans, cur, bare = [], None, False          # bare: the current span opened without <|mt_start|>
     for m in _WORD.finditer(text or ""):
         w = m.group(1)
         if w == "start":
             if cur:
-                spans.append(cur)
-            cur = []
+                spans.append((cur, bare))
+            cur, bare = [], False
         elif w == "end":
             if cur:
-                spans.append(cur)
+                spans.append((cur, False))     # closed by <|mt_end|>: a delimited span
             cur = None
         else:
-            cur = (cur or []) + [int(w)]
+            if cur is None:
+                cur, bare = [], True
+            cur.append(int(w))
     if cur:
-        spans.append(cur)
+        spans.append((cur, bare))
+    pairs = lambda ids: [ids[i:i + 2] for i in range(0, len(ids), 2)]
+    spans = [part for ids, b in spans for part in (pairs(ids) if b and len(ids) >= 4 and len(ids) % 2 == 0 else [ids])]
     out = []
     for ids in spans:
         a, b = ids[0], ids[1] if len(ids) > 1 else -1
@@ -323,12 +329,31 @@ def boxes_of(masks):
 
 
 # ----------------------------------------------------------------------------- loading
+def released_files(folder):
+    """A folder laid out as the authors release their models -> (its mask_tokenizer_*.pth, the
+    sam2.1_hiera_*.pt beside it or ""), or None when it holds no released tokenizer."""
+    if not os.path.isdir(folder):
+        return None
+    names = sorted(os.listdir(folder))
+    toks = [n for n in names if n.startswith("mask_tokenizer_") and n.endswith(".pth")]
+    sam2 = [n for n in names if n.startswith("sam2.1_hiera_") and n.endswith(".pt")]
+    if not toks:
+        return None
+    for found, what in ((toks, "--tokenizer_ckpt=FILE"), (sam2, "--sam2_ckpt=FILE")):
+        if len(found) > 1:
+            raise UserError(f"{folder} holds {len(found)} files {', '.join(found)}: say which one with {what}")
+    return os.path.join(folder, toks[0]), os.path.join(folder, sam2[0]) if sam2 else ""
+
+
 def load_tokenizer(path, device="cpu", sam2_ckpt=""):
     """A trained tokenizer, ready to encode / decode: a checkpoint of tokenizer.py (ckpt.pt or
     its folder: weights + the config that built them), or the authors' released
-    mask_tokenizer_256x2.pth, converted on the fly (convert_released); its image encoder comes
-    from sam2_ckpt if the file has none."""
-    if os.path.isdir(path):
+    mask_tokenizer_256x2.pth (or a released model's folder holding it), converted on the fly
+    (convert_released); its image encoder comes from sam2_ckpt (default: the sam2.1_hiera_*.pt
+    beside it) if the file has none."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and (released := released_files(path)):
+        path, sam2_ckpt = released[0], sam2_ckpt or released[1]
+    elif os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
         raise UserError(f"no tokenizer checkpoint at {path}: run `python tokenizer.py` first (or pass --tokenizer_ckpt=PATH)")
@@ -337,7 +362,12 @@ def load_tokenizer(path, device="cpu", sam2_ckpt=""):
         model = SAMTok(ck["config"])
         model.load_state_dict(ck["model"])
     elif isinstance(ck, dict) and "quantizer.codebooks.0.weight" in ck:
-        config, sd = convert_released(ck, path, read_state_dict(sam2_ckpt) if sam2_ckpt else None)
+        # SAM2's image encoder (~0.9 GB at Hiera-L) is read only when the file itself has none
+        has_encoder = any(k.startswith(RELEASED_PREFIX + "image_encoder.") for k in ck)
+        if not has_encoder and not sam2_ckpt:
+            raise UserError(f"{path} has no SAM2 image encoder and no sam2.1_hiera_*.pt lies beside it: put the SAM2.1 "
+                            f"checkpoint there or pass --sam2_ckpt=sam2.1_hiera_large.pt")
+        config, sd = convert_released(ck, path, read_state_dict(sam2_ckpt) if sam2_ckpt and not has_encoder else None)
         model = SAMTok(config)
         load_checked(model, sd, path, None)
     else:

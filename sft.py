@@ -44,7 +44,7 @@ from common import (UserError, adamw, autocast, cleanup, configure, init_distrib
 from data.tasks import conversations, text_corpus
 from samtok import codes_to_text, load_tokenizer, mask_tokens
 from vlm import (collate, evaluate, load_pretrained, load_world, micro_batches, parallelize, resume_dir, save_checkpoint,
-                 set_trainable, tokenize, vision_tower, visual_tokens)
+                 set_trainable, tokenize, tokenizer_of, vision_tower, visual_tokens)
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -268,7 +268,7 @@ def main():
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP does not broadcast)
     print0("config:", cfg)
     t_start, model_dir = time.time(), os.path.join(cfg["out_dir"], "model")
-    mask_tok = load_tokenizer(cfg["tokenizer_ckpt"])            # Stage 1: every target mask -> its two words
+    mask_tok = load_tokenizer(tokenizer_of(cfg, cfg["base_model"], DEFAULTS["tokenizer_ckpt"]))   # Stage 1: mask -> words
     model, processor, images, convs, word_ids, state, dropped = setup(cfg, mask_tok, tasks, model_dir)
     net, opt, params, visual, stream = prepare_training(model, processor, images, convs, cfg, world, device, state)
 
@@ -288,7 +288,7 @@ def main():
         # the whole group, so it counts them without communication; DDP / FSDP average gradients
         # over ranks, hence the factor world below.
         group = [next(stream) for _ in range(accum * world)]
-        n_tok = sum(sum(convs[j]["lab"]) for mb in group for j in mb)
+        n_tok = sum(sum(convs[j]["in_loss"]) for mb in group for j in mb)
         totals = torch.zeros(3, device=device)            # summed loss, mask-word hits, mask words
         for micro, mb in enumerate(group[rank::world]):
             batch, labels = collate([convs[j] for j in mb], images, processor, visual=visual)

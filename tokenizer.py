@@ -28,8 +28,6 @@ out_dir/recon.png (per test scene: image, input masks, 2-code and level-1-only r
 
 import os
 import time
-from collections import Counter
-from itertools import islice
 
 import numpy as np
 import torch
@@ -37,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (UserError, adamw, atomic_save, autocast, configure, init_distributed, iou, is_master, lr_at, overlay,
-                    print0, progress, read_checkpoint, resize_image, run, set_lr, stop_early, write_json)
-from data import open_dataset
-from samtok import SAMTok, boxes_of, load_sam2_checkpoint
+                    print0, progress, read_checkpoint, run, set_lr, stop_early, write_json)
+from data.masks import MaskSet, load_split
+from samtok import SAMTok, load_sam2_checkpoint
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -78,6 +76,9 @@ DEFAULTS = dict(
     eval_every=500, log_every=50, ckpt_every=500, resume=False,
     stop_after=0,               # stop after this many steps of this run (simulates an interruption)
 )
+# tiny: a narrow Hiera pretrained here, 128 px, every mask of an image, the warm-up, a trained
+# prompt encoder and IoU head (this SAM2 never saw mask prompts); paper: SAM2.1 Hiera-L at 1024 px,
+# the released config's lr, the frozen heads, the logits compared at their own resolution.
 PRESETS = {
     "tiny": {},
     # the paper's global batch of 1,024 masks: 16 images x 8 masks a GPU x 8 GPUs
@@ -91,83 +92,41 @@ PRESETS = {
 SAM2_KEYS = ("sam2_config", "sam2_overrides", "image_size", "d_model", "mlp_dim")   # what shapes the weights
 
 
-# ----------------------------------------------------------------------------- data
-def load_split(cfg, split):
-    """The first n scenes of a split of --data, as a list of scene dicts (image (H, W, 3) uint8,
-    masks (N, H, W), ...) read through data.open_dataset (see data/__init__.py). Formats
-    without splits of their own are split 90/5/5 by a hash of the image name."""
-    n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
-    spec = cfg["data"]
-    if spec == "shapes":    # the world drawn at the model's resolution (up to 512 px)
-        spec = f"shapes:{min(cfg['image_size'], 512)}"
-    cap = cfg["masks_per_image"] * 4    # enough for masks_per_image draws, far fewer than SA-1B's ~100
-    scenes = list(islice(open_dataset(spec, Counter(), split=split, max_masks=cap), n))
-    if not scenes:
-        raise UserError(f"{cfg['data']} has no usable samples for the {split} split")
-    return scenes
-
-
-class MaskSet:
-    """Every (scene, mask) pair of a split as flat tensors at the model's resolution: the mask
-    (M, S, S), its mask prompt at 4x the feature grid (M, 1, 4g, 4g), its box in resized
-    pixels (M, 4), and the index of its scene (M,)."""
-
-    def __init__(self, scenes, S):
-        g = S // 16
-        self.images = np.stack([resize_image(s["image"], S) for s in scenes])       # (I, S, S, 3)
-        masks, scene_idx, prompts, boxes = [], [], [], []
-        for i, s in enumerate(scenes):
-            m = torch.as_tensor(np.asarray(s["masks"])).float()[:, None]           # (n, 1, H, W)
-            H, W = m.shape[-2:]
-            prompts.append(F.interpolate(m, size=(4 * g, 4 * g), mode="bilinear", antialias=True))
-            boxes.append(boxes_of(s["masks"]) * torch.tensor([S / W, S / H, S / W, S / H]))
-            masks.append(F.interpolate(m, size=(S, S), mode="nearest")[:, 0] > 0.5)
-            scene_idx += [i] * len(m)
-        self.masks, self.prompts = torch.cat(masks), torch.cat(prompts)
-        self.boxes, self.scene = torch.cat(boxes), torch.tensor(scene_idx)
-        self.area = self.masks.flatten(1).float().mean(1)                         # fraction of image
-        counts = torch.bincount(self.scene, minlength=len(scenes))
-        self.start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # scene i: start[i]:start[i+1]
-
-    def sample(self, n, cap, generator):
-        """A training batch the way SAM trains: n random images and all (or `cap` random ones) of
-        their masks; the image-level work then runs once per image, not once per mask.
-        -> (scenes (n,), mask indices (M,), each mask's position in scenes (M,))."""
-        scenes = torch.randint(len(self.images), (n,), generator=generator)
-        idx = [torch.arange(self.start[s], self.start[s + 1]) for s in scenes.tolist()]
-        if cap:
-            idx = [ix[torch.randperm(len(ix), generator=generator)[:cap]] for ix in idx]
-        pos = torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(idx)])
-        return scenes, torch.cat(idx), pos
-
-    def __len__(self):
-        return len(self.masks)
-
-
 # ----------------------------------------------------------------------------- loss and metrics
 def mask_loss(logits, iou_pred, gt, cfg):
     """2.0 x sigmoid BCE + 0.5 x Dice on the best of the 3 multimask outputs (SAM's
     min-over-outputs), plus MSE of the IoU head against the true IoU of each output (when it
     trains). -> (loss, the true IoU of the output the IoU head picks: what decode() returns)."""
+    # The decoder paints logits at 4x its stride-16 grid (256 x 256 at 1024 px, 32 x 32 at 128 px).
+    # The paper compares them with the ground truth nearest-resized down to that grid; the tiny
+    # preset upsamples the logits instead, since a 32 x 32 target cannot hold a small shape.
     if cfg["loss_res"]:
         logits = F.interpolate(logits, size=gt.shape[-2:], mode="bilinear", align_corners=False)
     else:  # paper: GT nearest-resized to the logits' resolution
         gt = F.interpolate(gt[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0] > 0.5
     t = gt[:, None].float().expand_as(logits)
+    # per pixel, sigmoid cross-entropy; per mask, Dice = 1 - (2 sum(p t) + 1) / (sum p + sum t + 1),
+    # which weighs a small mask as much as a large one (BCE alone would let a tiny object vanish)
     bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").mean((-1, -2))  # (B, 3)
     p = logits.sigmoid()
     dice = 1 - (2 * (p * t).sum((-1, -2)) + 1) / (p.sum((-1, -2)) + t.sum((-1, -2)) + 1)
     per = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
+    # SAM's answer to ambiguity: of the three outputs only the best one is trained, so the three
+    # can specialise (part, object, group) instead of all averaging to one blur
     loss = per[torch.arange(len(per)), per.argmin(1)].mean()
     with torch.no_grad():
         pred = logits > cfg["mask_threshold"]
         true_iou = (pred & (t > 0)).sum((-1, -2)).float() / (pred | (t > 0)).sum((-1, -2)).float().clamp(min=1)
         chosen_iou = true_iou[torch.arange(len(per)), iou_pred.argmax(1)].mean()
+    # decode() keeps the output the IoU head rates best: the head learns to rate them by their true
+    # IoU (the paper freezes it, a pretrained SAM2's head already rates well)
     if cfg["train_iou_head"]:
         loss = loss + F.mse_loss(iou_pred.float(), true_iou)
     return loss, chosen_iou
 
 
+# mask area as a fraction of the image: under 0.5 % the paper reports IoU 0.37-0.90, at 3-7 % about
+# 0.99, so a single mIoU hides where a tokenizer fails
 AREA_BUCKETS = [(0.0, 0.005, "<0.5%"), (0.005, 0.02, "0.5-2%"), (0.02, 0.1, "2-10%"), (0.1, 1.01, ">10%")]
 
 
@@ -185,17 +144,19 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=F
         scenes, inv = ms.scene[idx].unique(return_inverse=True)  # each image through the encoder once
         embed, hires = model.image_embeddings(model.image_features(model.preprocess(ms.images[scenes.numpy()])))
         embed, hires = embed[inv], [h[inv] for h in hires]
+        # the tokenizer's round trip, as decode() runs it: mask + box -> z -> codes -> e1 + e2 -> logits
         if boxes:
             codes = torch.zeros(len(idx), cfg["levels"], dtype=torch.long)
             logits, iou_pred = model.box_logits(embed, hires, ms.boxes[idx].to(dev))
         else:
             z = model.encode_latent(embed, ms.prompts[idx].to(dev), ms.boxes[idx].to(dev))
             codes = model.rvq.quantize(z)[0]
-            if level1:
+            if level1:                   # code -1 = level missing: the coarse mask of level 1 alone
                 codes[:, 1:] = -1
-            if bool(model.rvq.initialized):
+            if bool(model.rvq.initialized):   # before k-means (the warm-up) z itself is decoded
                 z = model.rvq.embed(codes)
             logits, iou_pred = model.decode_logits(embed, hires, z)
+        # best of 3 by predicted IoU, upsampled bilinearly, thresholded on the raw logits
         best = logits[torch.arange(len(idx)), iou_pred.argmax(1)][:, None]
         up = F.interpolate(best.float(), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
         pred = (up > cfg["mask_threshold"]).cpu()
@@ -209,6 +170,8 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=F
 
 def save_grid(path, ms, preds, preds_l1, n_scenes=8):
     """A PNG: per test scene, the image, the input masks, the 2-code and the level-1 rebuilds."""
+    # what a reader should look at: the level-1 column is the coarse word alone, the 2-code column
+    # what the second word adds (edges, thin parts, which of two touching shapes)
     from PIL import Image, ImageDraw
     rows = []
     for s in range(min(n_scenes, len(ms.images))):
@@ -230,6 +193,7 @@ def save_grid(path, ms, preds, preds_l1, n_scenes=8):
 # object is; the tokenizer later relies on exactly these features (frozen).
 class BoxPrompted(nn.Module):
     """The pretraining forward, images in (the image encoder trains too), as a module DDP can wrap."""
+    # (SAMTok.forward is the tokenizer's; DDP runs a module's forward, so pretraining gets its own)
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -242,12 +206,16 @@ class BoxPrompted(nn.Module):
 
 def pretrain_sam2(model, train_ms, val_ms, cfg, gen, wrap, device):
     """SAM2's image encoder, prompt encoder and mask decoder learn box prompt -> mask."""
+    # the same loss as the tokenizer's (BCE + Dice on the best of 3, the IoU head's MSE), so the
+    # decoder the tokenizer inherits already speaks the loss it will be trained with
     parts = [model.image_encoder, model.sam_prompt_encoder, model.sam_mask_decoder]
     params = [p for m in parts for p in m.parameters()] + [model.no_mem_embed]
     model.requires_grad_(False)
     for p in params:
         p.requires_grad = True
     opt = torch.optim.AdamW(params, lr=cfg["pretrain_lr"], weight_decay=0.01)
+    # each step: a few images, their masks' boxes jittered as SAM jitters them (5 % of the box size),
+    # half of them also drawn as a dense prompt; the image encoder trains inside the forward here
     net, steps, t0 = wrap(BoxPrompted(model)), cfg["pretrain_steps"], time.time()
     for i in range(steps):
         lr = set_lr(opt, lr_at(i, steps, cfg["pretrain_lr"], cfg["warmup_frac"]))
@@ -278,8 +246,9 @@ def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
     path = os.path.join(cfg["out_dir"], "sam2_pretrained.pt")
     # a saved pretraining is reused only when everything that shaped it is the same
     meta = {k: cfg[k] for k in cfg if k in SAM2_KEYS + ("data", "n_train", "seed") or k.startswith("pretrain_")}
+    # (so changing a tokenizer option reruns only the tokenizer, not its few minutes of SAM2)
     if resumed is not None:
-        pass                                                # the checkpoint holds every weight
+        print0("SAM2 weights: the resumed checkpoint's")
     elif cfg["sam2_ckpt"]:
         load_sam2_checkpoint(model, cfg["sam2_ckpt"])
     elif os.path.exists(path) and (saved := read_checkpoint(path))["meta"] == meta:
@@ -293,6 +262,7 @@ def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
             print(f"saved the pretrained SAM2 to {path}")
     else:
         print0("warning: no --sam2_ckpt and pretrain_steps=0: the image encoder stays random")
+    # every rank seeded its random parts differently (each draws its own masks): start from rank 0's
     if torch.distributed.is_initialized():
         for p in model.parameters():
             torch.distributed.broadcast(p.data, 0)          # rank 0's weights everywhere
@@ -302,6 +272,10 @@ def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
 def freeze_for_tokenizer(model, cfg):
     """Frozen: the image encoder (and no_mem_embed); the prompt encoder and the IoU / object-score
     heads as configured (the paper freezes them). -> the trainable parameters."""
+    # The paper's split: SAM2 already knows images and prompts, so its image encoder and prompt
+    # encoder stay as they are; what must learn is the new mask encoder (mask -> z), and SAM2's
+    # mask decoder, which has never been prompted by a code vector. The codebooks are not in the
+    # optimiser at all: they follow their EMA (quantizer.py).
     dec = model.sam_mask_decoder
     frozen = [model.image_encoder, model.no_mem_embed] + ([] if cfg["train_prompt_encoder"] else [model.sam_prompt_encoder])
     frozen += [] if cfg["train_iou_head"] else [dec.iou_prediction_head, dec.pred_obj_score_head]
@@ -315,10 +289,12 @@ def freeze_for_tokenizer(model, cfg):
 def feature_source(model, ms, cfg, device):
     """scene indices -> the frozen encoder's FPN features. With cache_features they are computed
     once (fp16) for every training image: the frozen encoder gives the same features every epoch."""
+    # the cache is exact because nothing varies an image between epochs (no augmentation): the
+    # tiny preset's 4,000 images take a few seconds once instead of the encoder's forward every step
     def encode(images):                 # uint8 (n, S, S, 3) -> the 3 FPN levels, no gradient
         with torch.no_grad(), autocast(device):
             return model.image_features(model.preprocess(images))
-    if not cfg["cache_features"]:
+    if not cfg["cache_features"]:    # the paper preset: millions of 1024 px images, every step anew
         return lambda sc: [f.float() for f in encode(ms.images[sc.numpy()])]
     t0, starts = time.time(), range(0, len(ms.images), 64)
     chunks = [[f.half() for f in encode(ms.images[i:i + 64])] for i in progress(starts, "caching image features")]
@@ -330,6 +306,9 @@ def feature_source(model, ms, cfg, device):
 @torch.no_grad()
 def kmeans_codebooks(model, train_ms, cfg, features, gen, device):
     """Data-driven codebooks: k-means on latents of the warmed-up encoder, residual per level."""
+    # Random codebooks would leave most codes far from every latent, never chosen, restarted again
+    # and again; k-means on latents the warmed-up encoder really produces puts level 1 where they
+    # are, and level 2 (on the residuals z - e1) where level 1 errs.
     zs = []
     while sum(map(len, zs)) < cfg["kmeans_samples"]:
         scenes, idx, img_idx = train_ms.sample(64, cfg["masks_per_image"], gen)
@@ -343,6 +322,8 @@ def kmeans_codebooks(model, train_ms, cfg, features, gen, device):
 def test(model, cfg, train_seconds):
     """The test split: reconstruction mIoU with both codes and with level 1 only, by mask area,
     codebook usage and perplexity, throughput; writes metrics.json and recon.png."""
+    # by area, as the paper reports it: tiny masks (< 0.5 % of the image) are the weak point of a
+    # 2-word code, and of SAM2's decoder resolution (docs/LOG.md has the ideal-logit reference)
     out, test_ms = cfg["out_dir"], MaskSet(load_split(cfg, "test"), cfg["image_size"])
     t0 = time.time()
     ious, codes, preds = evaluate(model, test_ms, cfg, return_preds=True)
@@ -366,6 +347,8 @@ def test(model, cfg, train_seconds):
 # ----------------------------------------------------------------------------- main
 def resume(model, cfg, ckpt_path):
     """--resume: the weights of out_dir/ckpt.pt; -> the checkpoint (step, optimizer state)."""
+    # The codebooks and their EMA state are buffers of the model, so they resume with the weights;
+    # the model config must be the one the checkpoint was trained with (SAM2_KEYS).
     if not os.path.exists(ckpt_path):
         raise UserError(f"--resume: no checkpoint at {ckpt_path}")
     resumed = read_checkpoint(ckpt_path)
@@ -376,6 +359,10 @@ def resume(model, cfg, ckpt_path):
     return resumed
 
 
+# The loop below trains through the VQ straight-through: the decoder sees e1 + e2, the encoder
+# receives the decoder's gradient as if quantisation were the identity, the commitment loss pulls
+# z towards e1 and e1 + e2, and the codebooks move by EMA and dead-code restarts inside the forward
+# (quantizer.py), on every rank alike.
 def main():
     cfg = configure(DEFAULTS, PRESETS, doc=__doc__)
     rank, world, device = init_distributed(cfg["device"])
@@ -398,6 +385,7 @@ def main():
     opt = adamw(params, cfg["lr"], cfg["weight_decay"], cfg["beta2"])
     if resumed is not None and "optimizer" in resumed:
         opt.load_state_dict(resumed["optimizer"])
+    # the frozen encoder's features of each training image, once (tiny preset) or every step (paper)
     features, net, amp = feature_source(model, train_ms, cfg, device), wrap(model), autocast(device)
 
     # ---- phases 2 and 3: the warm-up through the continuous latent, then through the residual VQ
@@ -407,7 +395,7 @@ def main():
         if step == cfg["unquantized_steps"] and not bool(model.rvq.initialized):
             n = kmeans_codebooks(model, train_ms, cfg, features, gen, device)
             print0(f"step {step}: codebooks initialised by k-means on {n} latents")
-        quantize = step >= cfg["unquantized_steps"]
+        quantize = step >= cfg["unquantized_steps"]         # the warm-up trains through z itself
         # determine and set the learning rate for this step
         lr = set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup_frac"]))
         # forward backward update, with gradient accumulation

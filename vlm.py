@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, atomic_save, iou, is_master, overlay, progress, rank0_first, read_checkpoint, read_json,
+from common import (UserError, atomic_save, iou, is_master, overlay, print0, progress, rank0_first, read_checkpoint, read_json,
                     resize_image, write_json)
 from data.tasks import ATTRS, absent_refs, scene_samples, scene_seed
-from samtok import MASK_END, MASK_START, mask_tokens, text_to_codes
+from samtok import MASK_END, MASK_START, mask_tokens, released_files, text_to_codes
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")   # a reply ends at Qwen's end of turn (or end of text)
 
@@ -93,7 +93,7 @@ def tokenize(convs, images, processor, max_len):
         if len(seq) > max_len:
             dropped += 1
             continue
-        kept.append(dict(turns=conv, img=conv[0]["img"], ids=seq, lab=in_loss, n_prompt=in_loss.index(True)))
+        kept.append(dict(turns=conv, img=conv[0]["img"], ids=seq, in_loss=in_loss, n_prompt=in_loss.index(True)))
     return kept, dropped
 
 
@@ -135,7 +135,7 @@ def collate(samples, images, processor, left_pad=False, visual=None):
         sl = slice(L - n, L) if left_pad else slice(0, n)
         ids[k, sl] = torch.tensor(s["ids"])
         att[k, sl] = 1
-        labels[k, sl] = torch.where(torch.tensor(s["lab"], dtype=torch.bool), ids[k, sl], -100)
+        labels[k, sl] = torch.where(torch.tensor(s["in_loss"], dtype=torch.bool), ids[k, sl], -100)
     batch = dict(input_ids=ids, attention_mask=att, mm_token_type_ids=(ids == processor.image_token_id).long())
     if visual is not None:
         # transformers' documented way in: mm_encoder_outputs = what get_image_features returns
@@ -175,8 +175,8 @@ def generate(model, processor, samples, images, max_new_tokens, batch):
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["ids"]))
     for i in progress(range(0, len(order), batch), "generating", total=-(-len(order) // batch)):
         idx = order[i:i + batch]
-        prompts = [dict(samples[j], ids=samples[j]["ids"][:samples[j]["n_prompt"]], lab=[False] * samples[j]["n_prompt"])
-                   for j in idx]
+        prompts = [dict(samples[j], ids=samples[j]["ids"][:samples[j]["n_prompt"]],
+                        in_loss=[False] * samples[j]["n_prompt"]) for j in idx]
         inputs, _ = collate(prompts, images, processor, left_pad=True)
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -321,7 +321,7 @@ def completion_batch(rows, prompts, images, processor, share_prefix, device, vis
         return dict(prompt=to(inputs), ids=ids.to(device), mask=mask.to(device),
                     row_of=torch.tensor([uniq.index(r["prompt"]) for r in rows], device=device))
     samples = [dict(img=prompts[r["prompt"]]["img"], ids=prompts[r["prompt"]]["ids"] + r["ids"],
-                    lab=[False] * len(prompts[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in rows]
+                    in_loss=[False] * len(prompts[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in rows]
     batch, labels = collate(samples, images, processor, left_pad=True, visual=visual)
     return dict(batch=to(batch), n=L, mask=(labels[:, -L:] != -100).float().to(device))
 
@@ -334,22 +334,35 @@ def batch_logps(model, b, temperature, bias):
 
 
 # ----------------------------------------------------------------------------- models and checkpoints
-def load_pretrained(path, cfg):
+def load_pretrained(path, cfg, dtype=torch.float32):
     """A released (or previously saved) Qwen-VL and its processor, through the same Auto classes a
     user would call. The image processor is pinned to image_size^2 pixels: fixed-size images give
-    a fixed number of visual tokens, which the data pipeline relies on."""
+    a fixed number of visual tokens, which the training data pipeline relies on. image_size 0
+    keeps the processor's own native resolution (aspect ratio kept, its min / max pixels)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     try:
         processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a Qwen-VL model from {path!r}: {str(e).splitlines()[0]}")
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # noqa: BLE001  a missing folder, a damaged weight file, a config of an unknown family
+        raise UserError(f"cannot load a Qwen-VL model from {path!r}: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}")
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
+    if not cfg["image_size"]:
+        return model, processor
     if cfg["image_size"] % factor:
         raise UserError(f"--image_size={cfg['image_size']} must be a multiple of patch x merge = {factor} for {path}")
     ip.size = {"shortest_edge": cfg["image_size"] ** 2, "longest_edge": cfg["image_size"] ** 2}
     return model, processor
+
+
+def tokenizer_of(cfg, folder, default):
+    """--tokenizer_ckpt, or, when it was left at its default, the tokenizer a released model's
+    folder carries (mask_tokenizer_*.pth, with the sam2.1_hiera_*.pt beside it). Written back into
+    cfg, so the stage config saved beside the weights names the tokenizer that was used."""
+    if cfg["tokenizer_ckpt"] == default and folder and released_files(folder):
+        print0(f"tokenizer: {released_files(folder)[0]}, the one {folder} carries")
+        cfg["tokenizer_ckpt"] = folder
+    return cfg["tokenizer_ckpt"]
 
 
 def resolve_init(path):
@@ -548,7 +561,7 @@ def tokenize_prompts(prompts, images, processor):
     """Token ids of each prompt (chat template, image expanded), up to and including
     '<|im_start|>assistant\\n': what the policy continues."""
     convs, _ = tokenize([[p] for p in prompts], images, processor, max_len=10 ** 9)
-    return [dict(p, ids=c["ids"][:c["n_prompt"]], lab=[False] * c["n_prompt"], n_prompt=c["n_prompt"])
+    return [dict(p, ids=c["ids"][:c["n_prompt"]], in_loss=[False] * c["n_prompt"], n_prompt=c["n_prompt"])
             for p, c in zip(prompts, convs)]
 
 

@@ -195,7 +195,7 @@ def gpu_generation(cfg, device, model, processor, images, convs):
     model.config.use_cache = True           # sampling: each new token reads the KV cache
     P, G, T = cfg["gpu_gen_prompts"], cfg["gpu_gen_group"], cfg["gpu_gen_tokens"]
     # each conversation's first prompt, up to '<|im_start|>assistant\n': what a rollout continues
-    prompts = [dict(c, ids=c["ids"][:c["n_prompt"]], lab=[False] * c["n_prompt"]) for c in convs[:P]]
+    prompts = [dict(c, ids=c["ids"][:c["n_prompt"]], in_loss=[False] * c["n_prompt"]) for c in convs[:P]]
     inputs, _ = collate(prompts, images, processor, left_pad=True)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)

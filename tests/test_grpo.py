@@ -240,7 +240,7 @@ def test_gradient_is_reinforce_with_the_group_baseline(policy, loss_type, scale)
     surrogate = 0
     for r in rows:
         p = prompts[r["prompt"]]
-        batch, _ = vlm.collate([dict(img=p["img"], ids=p["ids"] + r["ids"], lab=[False] * len(p["ids"] + r["ids"]))],
+        batch, _ = vlm.collate([dict(img=p["img"], ids=p["ids"] + r["ids"], in_loss=[False] * len(p["ids"] + r["ids"]))],
                                images, processor)
         logits = m2(**batch).logits[0, len(p["ids"]) - 1:-1] / T_ + bias      # pi: softmax over text tokens
         logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(r["ids"])[:, None]).sum()
@@ -272,7 +272,7 @@ def test_rollout_on_the_cache_matches_greedy_and_the_full_forward(policy):
     assert len({tuple(c["ids"]) for c in comps}) > 3             # sampled, not copies
     rows = [dict(prompt=k // 3, ids=c["ids"]) for k, c in enumerate(comps)]
     samples = [dict(img=ps[r["prompt"]]["img"], ids=ps[r["prompt"]]["ids"] + r["ids"],
-                    lab=[False] * len(ps[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in rows]
+                    in_loss=[False] * len(ps[r["prompt"]]["ids"]) + [True] * len(r["ids"])) for r in rows]
     batch, labels = vlm.collate(samples, images, processor, left_pad=True)
     n = max(len(c["ids"]) for c in comps)
     with torch.no_grad():

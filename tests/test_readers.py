@@ -345,12 +345,13 @@ def test_tokenizer_trains_on_coco(tmp_path):
     """tokenizer.py --data=coco:...: the split, the masks and the whole script on a COCO folder."""
     import tokenizer as T
     from common import configure
+    from data import masks
     path = write_coco(str(tmp_path / "coco"), 40, seed=2)
     spec = f"coco:{path}:{tmp_path / 'coco' / 'images'}"
     cfg = configure(T.DEFAULTS, T.PRESETS, ["--image_size=64", f"--data={spec}", "--n_train=5"])
-    train = T.load_split(cfg, "train")
+    train = masks.load_split(cfg, "train")
     assert len(train) == 5 and all(split_of(s["id"]) == "train" for s in train)
-    ms = T.MaskSet(train, 64)
+    ms = masks.MaskSet(train, 64)
     assert len(ms) == sum(len(s["masks"]) for s in train) and ms.images.shape == (5, 64, 64, 3)
     n_val = sum(split_of(im["file_name"]) == "val" for im in json.load(open(path))["images"])
     n_test = sum(split_of(im["file_name"]) == "test" for im in json.load(open(path))["images"])

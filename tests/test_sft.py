@@ -180,9 +180,9 @@ def test_long_sample_dropped_and_counted_never_cut(world):
     assert dropped == (lengths > limit).sum() > 0 and len(kept) + dropped == len(convs)
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for c in kept:   # every kept conversation whole: all its image tokens, every reply to <|im_end|>
-        assert len(c["ids"]) <= limit and c["ids"][-1] == end and c["lab"][-1]
+        assert len(c["ids"]) <= limit and c["ids"][-1] == end and c["in_loss"][-1]
         assert sum(i == processor.image_token_id for i in c["ids"]) == 16
-        assert sum(i == end and lab for i, lab in zip(c["ids"], c["lab"])) == len(c["turns"])
+        assert sum(i == end and lab for i, lab in zip(c["ids"], c["in_loss"])) == len(c["turns"])
 
 
 def test_absent_refs_name_nothing_in_the_scene():

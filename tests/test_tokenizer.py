@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 import samtok  # noqa: E402
 import tokenizer as T  # noqa: E402
+from data import masks  # noqa: E402
 from common import UserError, atomic_save, configure  # noqa: E402
 from data import make_scene  # noqa: E402
 
@@ -132,7 +133,7 @@ def test_training_steps_lower_the_loss():
     torch.manual_seed(0)
     cfg = configure(T.DEFAULTS, T.PRESETS, TINY)
     m = samtok.SAMTok(cfg)
-    ms = T.MaskSet([make_scene(i, size=64) for i in range(4)], 64)
+    ms = masks.MaskSet([make_scene(i, size=64) for i in range(4)], 64)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     m.rvq.init_codebooks(torch.randn(256, 32))
     losses = []
