@@ -143,7 +143,8 @@ def test_sft_and_grpo_continue_a_released_model(released, tmp_path, monkeypatch,
     assert rows.shape == before.shape and len(processor.tokenizer) <= rows.shape[0]
     assert vlm.stage_config(str(tmp_path / "sft" / "model"))["tokenizer_ckpt"] == folder
     monkeypatch.setattr(sys, "argv", ["grpo.py", f"--init_from={folder}", f"--out_dir={tmp_path / 'grpo'}", "--n_train=2",
-                                      "--steps=1", "--eval_n=0", "--batch_size=8", "--micro_batch=8", "--max_new_tokens=4"])
+                                      "--steps=1", "--eval_n=0", "--batch_size=8", "--micro_batch=8", "--max_new_tokens=160",
+                                      "--temperature=0.05"])   # the taught answer, then the end of its turn
     run(grpo.main)
     out = capsys.readouterr().out
     assert "step    1/1" in out and "the one " + folder + " carries" in out
