@@ -37,29 +37,33 @@ def run(main):
 
 
 # ----------------------------------------------------------------------------- configuration
-def configure(defaults, presets, argv=None, doc=None):
+def configure(defaults, presets, argv=None, doc=None, positional=False):
     """nanoGPT-style configuration: module defaults, then a preset (plain dict of overrides,
     --preset=tiny by default), then --key=value (or --key value) overrides typed like the default
     they replace. --help prints the options, their defaults and the presets, and exits 0.
-    Returns a new dict; an unknown key or a value of the wrong type is a UserError."""
+    Returns a new dict; an unknown key or a value of the wrong type is a UserError. positional:
+    arguments that are not options are allowed anywhere and returned too: (cfg, [arguments])."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(help_text(defaults, presets, doc))
         sys.exit(0)
-    args, i = {}, 0
+    args, rest, i = {}, [], 0
     while i < len(argv):
         a = argv[i]
+        i += 1
+        if positional and not a.startswith("--"):
+            rest.append(a)
+            continue
         if not a.startswith("--") or len(a) == 2:
             raise UserError(f"arguments look like --key=value or --key value, got {a!r} (see --help)")
         if "=" in a:
             k, v = a[2:].split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            k, v = a[2:], argv[i + 1]
+        elif i < len(argv) and not argv[i].startswith("--"):
+            k, v = a[2:], argv[i]
             i += 1
         else:
             raise UserError(f"{a} needs a value: {a}=VALUE (see --help)")
         args[k] = v
-        i += 1
     preset = args.pop("preset", "tiny")
     if preset not in presets:
         raise UserError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
@@ -70,7 +74,7 @@ def configure(defaults, presets, argv=None, doc=None):
         if k not in cfg:
             raise UserError(f"unknown option --{k}; options are: {', '.join(sorted(cfg))} (see --help)")
         cfg[k] = parse_value(k, v, cfg[k])
-    return cfg
+    return (cfg, rest) if positional else cfg
 
 
 def parse_value(key, text, default):

@@ -445,19 +445,21 @@ def prepare_policy(model, processor, images, cfg, init, step, world, device, sta
     set_trainable(model, cfg)
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    net = parallelize(model.to(device), cfg, world, device)
+    # before the sharding: the tower runs here on its own, outside the root module's FSDP forward
+    frozen = not any(p.requires_grad for p in vision_tower(model).parameters())
+    visual = visual_tokens(model.to(device), processor, images, device) if frozen else None
+    net = parallelize(model, cfg, world, device)
     opt = adamw(net.parameters(), cfg["lr"], cfg["weight_decay"], cfg["beta2"])
     if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(net, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    frozen = not any(p.requires_grad for p in vision_tower(model).parameters())
-    return net, opt, ref, visual_tokens(model, processor, images, device) if frozen else None
+    return net, opt, ref, visual
 
 
 def sample_and_score(model, processor, mask_tok, prompts, images, scenes, my_prompts, cfg, gen, device, world, visual):
     """G completions for each of this rank's prompts (vlm.rollout: one shared prefill a prompt),
-    each scored from its text alone (the iou reward decodes over each scene's own image), then
-    gathered: every rank holds the whole step's rows in the step's order."""
+    each scored from its text alone (the iou reward decodes over each scene's own image).
+    -> (this rank's rows, the seconds of sampling and of the reward)."""
     G, t0 = cfg["num_generations"], time.time()
     # sampled in eval mode (as the policy is deployed), trained in train mode, from the same weights
     model.eval()

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from common import PALETTE, UserError, configure, die, help_text, overlay, resize_image
+from common import PALETTE, UserError, configure, die, overlay, resize_image
 from data.tasks import REF_END, REF_START
 from samtok import codes_to_text, load_tokenizer, mask_tokens, released_files, text_to_codes
 
@@ -383,19 +383,8 @@ def write_outputs(out_dir, stem, image, masks, labels, codes, prompt, record, re
 def parse_args(argv):
     """IMAGE "PROMPT" plus --key=value options, in any order."""
     usage = 'usage: python infer.py IMAGE "PROMPT" [--mask=REGION.png] [--ckpt=DIR] [--out=DIR] [--key=value ...]'
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage + "\n\n" + help_text(DEFAULTS, PRESETS, __doc__))
-        sys.exit(0)
-    options, positional, i = [], [], 0
-    while i < len(argv):             # every option takes a value: --key=value or --key value
-        a = argv[i]
-        if a.startswith("--") and "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            options.append(f"{a}={argv[i + 1]}")
-            i += 1
-        else:
-            (options if a.startswith("--") else positional).append(a)
-        i += 1
-    cfg = configure(DEFAULTS, PRESETS, options)      # a malformed option is reported first
+    # a malformed option is reported before the positionals are counted
+    cfg, positional = configure(DEFAULTS, PRESETS, argv, doc=usage + "\n\n" + __doc__, positional=True)
     if len(positional) != 2:
         raise UserError(f"expected an image and a prompt, got {len(positional)} arguments; {usage}")
     image_path, prompt = positional

@@ -282,7 +282,7 @@ def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, tempera
     P = 50, L = 5, G = 8, 440 against 90, and 16 * 1,512 against 1,000 + 16 * 512 at the paper's
     scale; the backward shrinks the same way. Attention is exact: the completions attend to the
     same keys and values, under the same padding mask, as in one forward over prompt + completion."""
-    model = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    model = unwrap(net)
     pos, _ = model.model.get_rope_index(prompt_inputs["input_ids"], prompt_inputs["mm_token_type_ids"],
                                         image_grid_thw=prompt_inputs["image_grid_thw"],
                                         attention_mask=prompt_inputs["attention_mask"])
@@ -359,8 +359,8 @@ def tokenizer_of(cfg, folder, default):
     """--tokenizer_ckpt, or, when it was left at its default, the tokenizer a released model's
     folder carries (mask_tokenizer_*.pth, with the sam2.1_hiera_*.pt beside it). Written back into
     cfg, so the stage config saved beside the weights names the tokenizer that was used."""
-    if cfg["tokenizer_ckpt"] == default and folder and released_files(folder):
-        print0(f"tokenizer: {released_files(folder)[0]}, the one {folder} carries")
+    if cfg["tokenizer_ckpt"] == default and folder and (released := released_files(folder)):
+        print0(f"tokenizer: {released[0]}, the one {folder} carries")
         cfg["tokenizer_ckpt"] = folder
     return cfg["tokenizer_ckpt"]
 

@@ -14,7 +14,6 @@ Stage 2 kept frozen (the tiny preset's whole vision tower, from its stage_config
 frozen in the model handed to the Trainer too (vlm.set_trainable).
 """
 
-import json
 import os
 import re
 import warnings
@@ -24,7 +23,7 @@ import torch
 
 import grpo
 from bench import peer_missing, run_script, stage_args, step_clock, table, timed_steps
-from common import UserError, adamw, configure, lr_at
+from common import UserError, adamw, configure, lr_at, read_json
 from vlm import micro_batches, resolve_init, set_trainable
 
 GRPO_LINE = re.compile(r"step\s+(\d+)/\d+ \| reward ([\d.]+) .*?\| len ([\d.]+) .*?\| (\d+) ms/step "
@@ -101,8 +100,7 @@ def grpo_py(args, gcfg, N, w):
     # each step line holds that step's own ms and sampling share: sum the timed ones
     timed = [lines[s] for s in range(w + 1, N + 1)]
     seconds = sum(x["ms"] for x in timed) / 1e3
-    with open(os.path.join(gcfg["out_dir"], "metrics.json")) as f:
-        profile = json.load(f).get("profile", {})
+    profile = read_json(os.path.join(gcfg["out_dir"], "metrics.json")).get("profile", {})
     return lines, timed, seconds, gcfg["batch_size"] * len(timed) / seconds, profile
 
 

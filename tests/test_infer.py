@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +17,7 @@ import infer  # noqa: E402
 import sft  # noqa: E402
 import vlm  # noqa: E402
 from common import configure, write_json  # noqa: E402
-from conftest import TINY, build  # noqa: E402  (the tiny VLM config; the tokenizer fixture is in conftest.py)
+from conftest import TINY, build, teach  # noqa: E402  (the tiny VLM config; the tokenizer fixture is in conftest.py)
 from data.tasks import NO_TARGET  # noqa: E402
 from samtok import codes_to_text, load_tokenizer  # noqa: E402
 
@@ -39,15 +38,8 @@ def ckpt(tok_ckpt, tmp_path_factory):
     image = infer.read_image(EXAMPLE, 10 ** 8)
     samples, _ = vlm.tokenize([[dict(prompt=p, answer=a, img=0)] for p, a in TAUGHT.items()], [image], processor, 10 ** 9)
     batch, labels = vlm.collate(samples, [image], processor)
-    n = (labels[:, 1:] != -100).sum()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    model.train()
-    for _ in range(80):
-        loss = sft.token_loss(model, batch, labels, torch.tensor([0]))[0] / n
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05, loss.item()
+    loss = teach(model, batch, labels, 80)
+    assert loss < 0.05, loss
     model.eval()
     path = str(tmp_path_factory.mktemp("vlm") / "model")
     model.save_pretrained(path)

@@ -21,7 +21,7 @@ import grpo  # noqa: E402
 import sft  # noqa: E402
 import vlm  # noqa: E402
 from common import UserError, configure, run  # noqa: E402
-from conftest import TINY, build  # noqa: E402
+from conftest import TINY, build, teach  # noqa: E402
 from samtok import codes_to_text, load_tokenizer, released_files  # noqa: E402
 from test_checkpoints import official_sam2, released_state_dict  # noqa: E402
 from test_infer import run as infer_main  # noqa: E402  (infer.main in this process -> code, stdout, stderr)
@@ -61,14 +61,8 @@ def released(request, sam2_tiny, tmp_path_factory):
     samples, _ = vlm.tokenize([[dict(prompt=PROMPT, answer=ANSWER, img=0)]], [image], processor, 10 ** 9)
     batch, labels = vlm.collate(samples, [image], processor)
     assert tuple(batch["image_grid_thw"][0, 1:].tolist()) == (8, 10)     # 128 x 160 px: not square
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    n = (labels[:, 1:] != -100).sum()
-    for _ in range(100):
-        loss = sft.token_loss(model, batch, labels, torch.tensor([0]))[0] / n
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05, loss.item()
+    loss = teach(model, batch, labels, 100)
+    assert loss < 0.05, loss
     model.eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     sd = {k: v for k, v in released_state_dict(sam2_tiny[1]).items() if ".image_encoder." not in k}
