@@ -318,23 +318,21 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
 def check_options(cfg, world):
     """Options that cannot work, as one line each, before anything is loaded or written."""
     G, B, tasks = cfg["num_generations"], cfg["batch_size"], cfg["tasks"].split(",")
+    prompts = B // max(G, 1)                 # the table is built whole: no division by a G of 0
     for bad, why in (
             (cfg["reward"] not in REWARDS, f"--reward={cfg['reward']!r}: choose one of {', '.join(REWARDS)}"),
             (cfg["loss_type"] not in LOSS_TYPES, f"--loss_type={cfg['loss_type']!r}: choose one of {', '.join(LOSS_TYPES)}"),
             (cfg["scale_rewards"] not in ("group", "none"), f"--scale_rewards={cfg['scale_rewards']!r}: choose group or none"),
-            (not set(tasks) <= {"refer", "gcg"}, f"--tasks takes a comma list of refer, gcg (the segmentation tasks); "
-                                                 f"got {cfg['tasks']!r}"),
+            (not set(tasks) <= {"refer", "gcg"}, f"--tasks takes a comma list of refer, gcg; got {cfg['tasks']!r}"),
             (G < 2, f"--num_generations={G}: GRPO compares completions within a group, it needs G >= 2"),
-            (B % G, f"--batch_size={B} is not a multiple of --num_generations={G}: every prompt's group of G "
+            (B % max(G, 1), f"--batch_size={B} is not a multiple of --num_generations={G}: every prompt's group of G "
                     f"completions must be in the same step"),
-            ((B // G) % world, f"--batch_size={B} gives {B // G} prompts a step, not a multiple of the {world} "
+            (prompts % world, f"--batch_size={B} gives {prompts} prompts a step, not a multiple of the {world} "
                                f"processes: each rank samples the same number of prompts"),
             (cfg["max_new_tokens"] < 1, f"--max_new_tokens={cfg['max_new_tokens']}: a rollout needs at least one token"),
             (cfg["temperature"] <= 0, f"--temperature={cfg['temperature']}: sampling needs a temperature > 0"),
-            (min(cfg["num_iterations"], cfg["micro_batch"], cfg["steps"]) < 1,
-             "--num_iterations, --micro_batch and --steps must be >= 1"),
-            (not 0 <= cfg["eps_low"] < 1 or cfg["eps_high"] < 0 or cfg["beta"] < 0,
-             "the clip range needs 0 <= eps_low < 1 and eps_high >= 0, and beta >= 0")):
+            (min(cfg[k] for k in ("num_iterations", "micro_batch", "steps")) < 1, "--num_iterations/--micro_batch/--steps >= 1"),
+            (not 0 <= cfg["eps_low"] < 1 or min(cfg["eps_high"], cfg["beta"]) < 0, "need 0 <= eps_low < 1, eps_high >= 0, beta >= 0")):
         if bad:
             raise UserError(why)
 

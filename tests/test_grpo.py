@@ -478,6 +478,7 @@ def test_script_bad_input(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
         ([f"--init_from={os.path.dirname(tok_ckpt)}"], "Stage-1 tokenizer checkpoint"),
         (["--batch_size=10"], "not a multiple of --num_generations=4"),
         (["--num_generations=1", "--batch_size=8"], "needs G >= 2"),
+        (["--num_generations=0"], "needs G >= 2"),                    # no division by zero on the way
         (["--reward=pixels"], "--reward='pixels'"),
         ([f"--data={empty}"], "no usable scene"),
         ([f"--data={tmp_path / 'missing'}"], "--data="),
