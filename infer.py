@@ -13,10 +13,18 @@ Run it (after python tokenizer.py and python sft.py; data/example.jpg ships with
     python infer.py data/example.jpg "Describe the region {mask} in detail." --mask=REGION.png
     python infer.py IMAGE "PROMPT" --ckpt=out/grpo/model --out=out/infer --device=cuda
 Options are --key=value or --key value (--help lists them), before or after the two positionals,
-the image and the prompt. One process, one image: there is nothing to distribute, so no torchrun.
-Prints the answer with each mask shown as [mask 1], [mask 2], ... and writes, in --out, one PNG
-per mask (white on black, the image's size), an overlay of all of them with a legend, and a JSON
-with the generated words, the codes and the file names.
+the image and the prompt. Prints the answer with each mask shown as [mask 1], [mask 2], ... and
+writes, in --out, one PNG per mask (white on black, the image's size), an overlay of all of them
+with a legend, and a JSON with the generated words, the codes and the file names.
+
+The paper's referring benchmarks instead of one image: RefCOCO, RefCOCO+, RefCOCOg (cIoU) and
+gRefCOCO (gIoU, cIoU, N-acc), every split of the paper's tables, for any checkpoint (ours or a
+released SAMTok folder); prints both tables and writes --out/benchmark.json:
+    python infer.py --benchmark=data/ref_seg --ckpt=FOLDER                          # CPU or one GPU
+    torchrun --standalone --nproc_per_node=8 infer.py --benchmark=data/ref_seg --ckpt=FOLDER
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
+        --rdzv_endpoint=$MASTER_ADDR:29500 infer.py --benchmark=data/ref_seg --ckpt=FOLDER
+(each rank answers its share of the images; the sums are added at the end of each split).
 """
 
 import json
@@ -29,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-from common import PALETTE, UserError, configure, die, overlay, resize_image
+from common import PALETTE, UserError, configure, die, is_master, overlay, print0, resize_image
 from data.tasks import REF_END, REF_START
 from samtok import codes_to_text, load_tokenizer, mask_tokens, released_files, text_to_codes
 
@@ -48,6 +56,12 @@ DEFAULTS = dict(
     dtype="auto",               # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: the VLM's weights
     max_new_tokens=256,         # a mask is 4 tokens; a grounded description of 6 objects is ~100
     max_pixels=89_478_485,      # larger images are refused (PIL's decompression-bomb limit by default)
+    # the referring benchmarks (no image or prompt then): python infer.py --benchmark=FOLDER
+    benchmark="",               # a folder with refcoco/, refcoco+/, refcocog/, grefcoco/ (see find_benchmarks)
+    bench_sets="refcoco,refcoco+,refcocog,grefcoco",    # which of them; the default skips the missing ones
+    bench_images="",            # COCO train2014 images of all four; empty: looked for inside --benchmark
+    bench_limit=0,              # the first images of each split only (0: all of them), for a quick look
+    eval_batch=16,              # prompts generated together
 )
 # The checkpoint carries its own architecture and input size, so the presets only set budgets.
 PRESETS = {"tiny": {}, "paper": dict(max_new_tokens=1024)}
@@ -377,6 +391,134 @@ def write_outputs(out_dir, stem, image, masks, labels, codes, prompt, record, re
         os.replace(t, final)
     return record["files"]
 
+# ----------------------------------------------------------------------------- the benchmarks
+# The paper's referring-segmentation benchmarks: each a refs file beside a COCO instances.json in
+# its own folder (the refer API's layout, and the authors' data/ref_seg where gRefCOCO is grefs/),
+# with the splits of the paper's tables. Their images are all COCO train2014.
+BENCHMARKS = {"refcoco": ("refs(unc).p", ("val", "testA", "testB")),
+              "refcoco+": ("refs(unc).p", ("val", "testA", "testB")),
+              "refcocog": ("refs(umd).p", ("val", "test")),
+              "grefcoco": ("grefs(unc).json", ("val", "testA", "testB"))}
+FOLDER_NAMES = {"grefcoco": ("grefcoco", "grefs")}
+IMAGE_DIRS = ("images/mscoco/images/train2014", "images/train2014", "coco2014/train2014", "coco/train2014", "train2014")
+
+
+def find_benchmarks(cfg):
+    """--benchmark=FOLDER -> [(name, data spec)] for each of --bench_sets found in FOLDER as
+    FOLDER/NAME/<refs file> + FOLDER/NAME/instances.json; the images in --bench_images, or the
+    first of IMAGE_DIRS that exists in the benchmark's folder or in FOLDER. A benchmark asked for
+    by name that is not there is an error; of the default four, the missing ones are skipped."""
+    root, names = cfg["benchmark"], [n for n in cfg["bench_sets"].split(",") if n]
+    if unknown := [n for n in names if n not in BENCHMARKS]:
+        raise UserError(f"--bench_sets: unknown benchmark {unknown[0]!r}; the benchmarks are {', '.join(BENCHMARKS)}")
+    if not os.path.isdir(root):
+        raise UserError(f"--benchmark={root!r} is not a folder: pass the folder that holds refcoco/, refcoco+/, "
+                        f"refcocog/ and grefcoco/")
+    found, missing = [], []
+    for name in names:
+        refs = BENCHMARKS[name][0]
+        homes = [os.path.join(root, f) for f in FOLDER_NAMES.get(name, (name,))]
+        home = next((h for h in homes if os.path.isfile(os.path.join(h, refs))), None)
+        if home is None:
+            missing.append(os.path.join(homes[0], refs))
+            continue
+        images = cfg["bench_images"] or next((os.path.join(b, d) for b in (home, root) for d in IMAGE_DIRS
+                                              if os.path.isdir(os.path.join(b, d))), "")
+        if not images:
+            raise UserError(f"no COCO train2014 image folder for {name} in {home!r} or {root!r} (looked for "
+                            f"{', '.join(IMAGE_DIRS)}): pass --bench_images=DIR")
+        found.append((name, f"{name}:{os.path.join(home, refs)}:{os.path.join(home, 'instances.json')}:{images}"))
+    if missing and (not found or cfg["bench_sets"] != DEFAULTS["bench_sets"]):
+        raise UserError(f"--benchmark={root!r}: {missing[0]} not found (a refs file and instances.json in each "
+                        f"benchmark's folder; --bench_sets chooses which benchmarks)")
+    for m in missing:
+        print0(f"skipping {m}: not found")
+    return found
+
+
+@torch.no_grad()
+def score_split(model, processor, mask_tok, S, cfg, spec, split, rank, world):
+    """One split of one benchmark on this rank's share of its images (image k on rank k % world)
+    -> the sums its metrics are made of: [expressions, sum of IoU, I and U over the expressions
+    with a target, no-target expressions, no-target expressions answered with no mask]. The
+    prediction of an expression is the union of its decoded masks, at the image's own size; no
+    target and no mask is IoU 1 (the GRES convention of the authors' gres_eval)."""
+    from itertools import islice
+    from data import open_dataset
+    from data.tasks import REFER_PROMPTS
+    from vlm import generate, tokenize
+    sums = np.zeros(6)
+    scenes = islice(open_dataset(spec, split=split, max_masks=1), cfg["bench_limit"] or None)   # referred masks only
+    mine = (s for k, s in enumerate(scenes) if k % world == rank)
+    while chunk := list(islice(mine, cfg["eval_batch"])):       # a few images at a time: nothing piles up
+        # every expression with the authors' (and our first) referring prompt; the VLM sees each
+        # image as it was trained: S x S for our checkpoints, native resolution for a released one
+        prompts = [dict(prompt=REFER_PROMPTS[0].format(r["text"]), answer="", img=i, targets=r["targets"])
+                   for i, s in enumerate(chunk) for r in s["refs"]]
+        images = [resize_image(s["image"], S) if S else s["image"] for s in chunk]
+        convs, _ = tokenize([[p] for p in prompts], images, processor, max_len=10 ** 9)
+        codes = [read_answer(t)[1] for t in generate(model, processor, convs, images, cfg["max_new_tokens"], cfg["eval_batch"])]
+        for i, s in enumerate(chunk):
+            ks = [k for k, p in enumerate(prompts) if p["img"] == i]
+            masks = decode_masks(mask_tok, s["image"], [c for k in ks for c in codes[k]])   # one call an image
+            pos = 0
+            for k in ks:
+                pred, gt = masks[pos:pos + len(codes[k])].any(0), s["masks"][prompts[k]["targets"]].any(0)
+                pos += len(codes[k])
+                inter, union = int((pred & gt).sum()), int((pred | gt).sum())
+                sums += [1, inter / union if union else 1.0, inter * gt.any(), union * gt.any(), not gt.any(),
+                         not (gt.any() or pred.any())]
+    return sums
+
+
+def split_metrics(sums):
+    """The sums of score_split (over every rank) -> gIoU (= mIoU), cIoU = sum I / sum U over the
+    expressions with a target, N-acc = no-target expressions answered with no mask / all of them."""
+    n, total, inter, union, n_none, hits = sums.tolist()
+    return dict(expressions=int(n), giou=total / n if n else None, ciou=inter / union if union else None,
+                nacc=hits / n_none if n_none else None, no_target=int(n_none))
+
+
+def tables(results, name):
+    """The paper's two tables for one checkpoint: cIoU on RefCOCO / RefCOCO+ / RefCOCOg, and gIoU /
+    cIoU / N-acc on gRefCOCO, in percent; "-" where a split was not evaluated."""
+    pct = lambda m, k: "-" if m is None or m[k] is None else f"{100 * m[k]:.1f}"
+    ref = [(b, sp) for b in ("refcoco", "refcoco+", "refcocog") for sp in BENCHMARKS[b][1]]
+    g = BENCHMARKS["grefcoco"][1]
+    return "\n".join([
+        "| cIoU | " + " | ".join(f"{b} {sp}" for b, sp in ref) + " |", "|---" * (len(ref) + 1) + "|",
+        f"| {name} | " + " | ".join(pct(results.get(f"{b} {sp}"), "ciou") for b, sp in ref) + " |", "",
+        "| gRefCOCO | " + " | ".join(f"{sp} {k}" for sp in g for k in ("gIoU", "cIoU", "N-acc")) + " |",
+        "|---" * (3 * len(g) + 1) + "|",
+        f"| {name} | " + " | ".join(pct(results.get(f"grefcoco {sp}"), k) for sp in g for k in ("giou", "ciou", "nacc")) + " |"])
+
+
+def benchmark(cfg):
+    """python infer.py --benchmark=FOLDER [--ckpt=...]: every split of every benchmark found,
+    sharded over the ranks of torchrun; prints the paper's tables and writes them, with the
+    expression counts, to --out/benchmark.json."""
+    import torch.distributed as dist
+    from common import cleanup, init_distributed, write_json
+    rank, world, _ = init_distributed(cfg["device"])
+    found = find_benchmarks(cfg)
+    model, processor, mask_tok, S, ckpt, tok_path = load(cfg)
+    print0(f"{ckpt} (tokenizer {tok_path}) on {', '.join(n for n, _ in found)}, {world} rank{'s' * (world > 1)}")
+    results, t0 = {}, time.time()
+    for name, spec in found:
+        for split in BENCHMARKS[name][1]:
+            sums = torch.from_numpy(score_split(model, processor, mask_tok, S, cfg, spec, split, rank, world))
+            if world > 1:
+                sums = sums.to(mask_tok.device)
+                dist.all_reduce(sums)
+            results[f"{name} {split}"] = m = split_metrics(sums.cpu())
+            print0(f"{name} {split}: {m['expressions']} expressions, " + ", ".join(
+                f"{k} {m[k]:.4f}" for k in ("giou", "ciou", "nacc") if m[k] is not None) + f" ({time.time() - t0:.0f} s)")
+    print0(tables(results, os.path.basename(os.path.normpath(ckpt))))
+    if is_master():
+        write_json(os.path.join(cfg["out"], "benchmark.json"), dict(checkpoint=ckpt, tokenizer_ckpt=tok_path, results=results))
+        print(f"-> {os.path.join(cfg['out'], 'benchmark.json')}")
+    cleanup()
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -385,6 +527,10 @@ def parse_args(argv):
     usage = 'usage: python infer.py IMAGE "PROMPT" [--mask=REGION.png] [--ckpt=DIR] [--out=DIR] [--key=value ...]'
     # a malformed option is reported before the positionals are counted
     cfg, positional = configure(DEFAULTS, PRESETS, argv, doc=usage + "\n\n" + __doc__, positional=True)
+    if cfg["benchmark"]:
+        if positional:
+            raise UserError(f"--benchmark evaluates on the benchmarks' own images and phrases: drop {positional[0]!r}")
+        return None, None, cfg
     if len(positional) != 2:
         raise UserError(f"expected an image and a prompt, got {len(positional)} arguments; {usage}")
     image_path, prompt = positional
@@ -399,6 +545,8 @@ def main(argv=None):
     t0 = time.time()
     try:
         image_path, prompt, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        if cfg["benchmark"]:
+            return benchmark(cfg)
         # the inputs are checked before anything heavy is loaded: bad input fails in a second
         image = read_image(image_path, cfg["max_pixels"])
         region = read_region(cfg["mask"], image.shape[:2], cfg["max_pixels"]) if cfg["mask"] else None

@@ -47,11 +47,10 @@ def cut_at_end(text):
     return text.split(END_OF_TURN[0])[0].split(END_OF_TURN[1])[0]
 
 # ----------------------------------------------------------------------------- chat, tokens, batches
-def chat_parts(processor, image):
+def chat_parts(processor):
     """The chat template's text around the user's and the assistant's words, found by rendering
     a two-turn conversation with marker strings once (instead of the template per sample):
-    first = up to the first user text (the image placeholder expanded to its visual tokens,
-    as the processor expands it: every image is image_size^2 px, so has the same count),
+    first = up to the first user text (with one image placeholder: image_tokens expands it),
     ask = from a user text to the assistant's reply, next = from the end of a reply
     (after its <|im_end|>) to the next user text."""
     a, b, c = "\x00", "\x01", "\x02"
@@ -65,9 +64,16 @@ def chat_parts(processor, image):
     eos = processor.tokenizer.eos_token
     if ask != ask2 or not nxt.startswith(eos):
         raise UserError("the processor's chat template is not Qwen-style (<|im_start|>role ... <|im_end|>)")
+    return first, ask, nxt[len(eos):]
+
+
+def image_tokens(processor, image):
+    """How many visual tokens the processor gives an image: its patch grid (after the resize to a
+    multiple of the patch size, within min/max pixels) over the merger's 2 x 2. A function of the
+    image's height and width only: the same for every image_size^2 image, one per size at native
+    resolution."""
     grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
-    n_img = int(grid.prod()) // processor.image_processor.merge_size ** 2
-    return first.replace(processor.image_token, processor.image_token * n_img), ask, nxt[len(eos):]
+    return int(grid.prod()) // processor.image_processor.merge_size ** 2
 
 
 def tokenize(convs, images, processor, max_len):
@@ -77,11 +83,16 @@ def tokenize(convs, images, processor, max_len):
     one-turn conversation's prompt, for generation). A conversation over max_len is dropped and
     counted: cutting it would cut image tokens (the model then breaks) or a reply (half a mask)."""
     text_tok = processor.tokenizer
-    first, ask, nxt = chat_parts(processor, images[0])
+    first, ask, nxt = chat_parts(processor)
+    count = {}          # image size -> its visual tokens (one count for all square training images)
     pieces = []
     for conv in convs:
+        image = images[conv[0]["img"]]
+        if image.shape not in count:
+            count[image.shape] = image_tokens(processor, image)
+        head = first.replace(processor.image_token, processor.image_token * count[image.shape])
         for k, turn in enumerate(conv):
-            pieces += [(first if k == 0 else nxt) + turn["prompt"] + ask, turn["answer"] + text_tok.eos_token]
+            pieces += [(head if k == 0 else nxt) + turn["prompt"] + ask, turn["answer"] + text_tok.eos_token]
     ids = iter(text_tok(pieces, add_special_tokens=False)["input_ids"])
     kept, dropped = [], 0
     for conv in convs:

@@ -307,3 +307,24 @@ def test_the_readme_command_as_a_process(ckpt, tmp_path):
     cmd[2] = "data/missing.jpg"
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+# ---------------------------------------------------------------- the benchmarks
+
+def test_benchmark_two_ranks_equal_one(ckpt, tmp_path):
+    """infer.py --benchmark with our checkpoint (its square input size) under torchrun on 2 gloo
+    ranks (each answers its share of the images) and in one process: the same figures."""
+    from test_released import write_benchmark      # (a module-level import would be circular)
+    root = write_benchmark(tmp_path / "ref_seg")
+    args = [os.path.join(ROOT, "infer.py"), f"--benchmark={root}", f"--ckpt={ckpt}", "--eval_batch=1",
+            "--bench_sets=refcoco,grefcoco", "--max_new_tokens=24"]
+    runs = {}
+    for ranks in (1, 2):
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+        p = subprocess.run([sys.executable, *launch, *args, f"--out={tmp_path / str(ranks)}"], capture_output=True,
+                           text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[ranks] = json.load(open(tmp_path / str(ranks) / "benchmark.json"))["results"]
+    assert runs[1].keys() == runs[2].keys()
+    for key in runs[1]:
+        for k, v in runs[1][key].items():
+            assert (v is None and runs[2][key][k] is None) or abs(v - runs[2][key][k]) < 1e-9, (key, k)

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grpo  # noqa: E402
+import infer  # noqa: E402
 import sft  # noqa: E402
 import vlm  # noqa: E402
 from common import UserError, configure, run  # noqa: E402
@@ -142,3 +143,131 @@ def test_sft_and_grpo_continue_a_released_model(released, tmp_path, monkeypatch,
     run(grpo.main)
     out = capsys.readouterr().out
     assert "step    1/1" in out and "the one " + folder + " carries" in out
+
+# ---------------------------------------------------------------- the benchmarks (infer.py --benchmark)
+SIZES = ((160, 120), (96, 200), (240, 180))         # width x height: landscape, portrait, larger
+
+
+def write_benchmark(root):
+    """A folder laid out as the benchmarks are (the refer API's): refcoco/refs(unc).p and
+    grefcoco/grefs(unc).json, each beside its instances.json, and the images as COCO train2014
+    JPEGs of three non-square sizes. RefCOCO: two images in val, one in testA and testB; gRefCOCO: a multi-target, a
+    single-target and two no-target expressions in val, one expression in testA and testB."""
+    import pickle
+    images_dir = root / "images" / "mscoco" / "images" / "train2014"
+    images_dir.mkdir(parents=True)
+    images, anns = [], []
+    for i, (w, h) in enumerate(SIZES, 1):
+        name = f"COCO_train2014_{i:012d}.jpg"
+        photo(str(images_dir / name), w, h)
+        images.append({"id": i, "file_name": name, "height": h, "width": w})
+        for j, (x0, y0, x1, y1) in enumerate([(0.1, 0.1, 0.5, 0.6), (0.55, 0.3, 0.95, 0.9)]):
+            x0, x1, y0, y1 = x0 * w, x1 * w, y0 * h, y1 * h
+            anns.append({"id": 10 * i + j, "image_id": i, "category_id": 1, "iscrowd": 0,
+                         "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    instances = json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cat"}]})
+    sent = lambda *xs: [{"sent": x} for x in xs]
+    refs = [{"ref_id": k, "image_id": i, "ann_id": 10 * i + j, "split": split, "category_id": 1, "sentences": sent("the cat")}
+            for k, (i, j, split) in enumerate([(1, 0, "val"), (2, 1, "val"), (3, 0, "testA"), (3, 1, "testB")])]
+    grefs = [{"ref_id": 1, "image_id": 1, "ann_id": [10, 11], "no_target": False, "split": "val", "sentences": sent("the cat")},
+             {"ref_id": 2, "image_id": 1, "ann_id": [11], "no_target": False, "split": "val", "sentences": sent("the dog")},
+             {"ref_id": 3, "image_id": 1, "ann_id": [-1], "no_target": True, "split": "val", "sentences": sent("a horse", "a ghost")},
+             {"ref_id": 4, "image_id": 2, "ann_id": [20], "no_target": False, "split": "testA", "sentences": sent("the dog")},
+             {"ref_id": 5, "image_id": 3, "ann_id": [-1], "no_target": True, "split": "testB", "sentences": sent("a ghost")}]
+    for name, refs_file, data in (("refcoco", "refs(unc).p", refs), ("grefcoco", "grefs(unc).json", grefs)):
+        (root / name).mkdir()
+        (root / name / "instances.json").write_text(instances)
+        if refs_file.endswith(".p"):
+            with open(root / name / refs_file, "wb") as f:
+                pickle.dump(data, f, protocol=2)
+        else:
+            (root / name / refs_file).write_text(json.dumps(data))
+    return str(root)
+
+
+# what the stand-in for generation answers to each phrase: two masks in the authors' JSON, one
+# mask, "No target." (right for a no-target phrase), a mask for a no-target phrase (wrong)
+FAKE = {"the cat": ANSWER, "the dog": codes_to_text([[5, 9]]), "a horse": "No target.", "a ghost": codes_to_text([[77, 1]])}
+
+
+def fake_decode(mask_tok, image, codes):
+    """A stand-in for the decoder (the random tokenizer paints nothing): code (c1, c2) -> the
+    top-left box of (c1 % 7 + 4) tenths of the height and (c2 % 7 + 4) tenths of the width."""
+    H, W = image.shape[:2]
+    out = np.zeros((len(codes), H, W), bool)
+    for k, (c1, c2) in enumerate(codes):
+        out[k, :H * (c1 % 7 + 4) // 10, :W * (c2 % 7 + 4) // 10] = True
+    return out
+
+
+def expected(root, name, split):
+    """gIoU, cIoU, N-acc of FAKE's answers, computed here directly from the definitions."""
+    from data import open_dataset
+    from infer import BENCHMARKS, read_answer
+    spec = f"{name}:{root}/{name}/{BENCHMARKS[name][0]}:{root}/{name}/instances.json:{root}/images/mscoco/images/train2014"
+    ious, inter, union, none = [], 0, 0, []
+    for s in open_dataset(spec, split=split):
+        for r in s["refs"]:
+            codes = read_answer(FAKE[r["text"]])[1]
+            pred = fake_decode(None, s["image"], codes).any(0)
+            gt = s["masks"][r["targets"]].any(0) if r["targets"] else np.zeros_like(pred)
+            assert pred.shape == gt.shape == s["image"].shape[:2]
+            i, u = (pred & gt).sum(), (pred | gt).sum()
+            ious.append(i / u if u else 1.0)
+            if r["targets"]:
+                inter, union = inter + i, union + u
+            else:
+                none.append(not pred.any())
+    return dict(giou=np.mean(ious), ciou=inter / union if union else None, nacc=np.mean(none) if none else None,
+                expressions=len(ious))
+
+
+def test_benchmark_scores_by_the_definitions(released, tmp_path, monkeypatch, capsys):
+    """infer.py --benchmark on a released folder: every split of RefCOCO and gRefCOCO found (the
+    missing RefCOCO+ / RefCOCOg skipped), each expression's masks decoded at its image's own size,
+    gIoU / cIoU / N-acc as the definitions give them, both tables printed."""
+    folder = released[0]
+    root = write_benchmark(tmp_path / "ref_seg")
+    monkeypatch.setattr(vlm, "generate", lambda model, processor, samples, images, n, batch: [
+        FAKE[s["turns"][0]["prompt"].removeprefix("Please segment ").removesuffix(" in this image.")] for s in samples])
+    monkeypatch.setattr(infer, "decode_masks", fake_decode)
+    code, out, err = infer_main([f"--benchmark={root}", f"--ckpt={folder}", f"--out={tmp_path / 'o'}"], capsys)
+    assert code == 0, err
+    got = json.load(open(tmp_path / "o" / "benchmark.json"))["results"]
+    assert sorted(got) == ["grefcoco testA", "grefcoco testB", "grefcoco val", "refcoco testA", "refcoco testB", "refcoco val"]
+    for key, m in got.items():
+        want = expected(root, *key.split())
+        assert m["expressions"] == want["expressions"]
+        for k in ("giou", "ciou", "nacc"):
+            assert (m[k] is None) == (want[k] is None) and (m[k] is None or abs(m[k] - want[k]) < 1e-9), (key, k)
+    assert 0 < got["refcoco val"]["ciou"] < 1 and got["grefcoco val"]["nacc"] == 0.5 and got["grefcoco testB"]["nacc"] == 0.0 and got["grefcoco testB"]["ciou"] is None
+    assert "skipping" in out and "refcoco+" in out and "| cIoU | refcoco val | refcoco testA |" in out
+    assert f"| {os.path.basename(folder)} | {100 * got['refcoco val']['ciou']:.1f} |" in out
+    assert "| gRefCOCO | val gIoU | val cIoU | val N-acc |" in out
+
+
+def test_benchmark_bad_input(released, tmp_path, capsys):
+    folder = released[0]
+    code, _, err = infer_main([f"--benchmark={tmp_path / 'nope'}", f"--ckpt={folder}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a folder" in err
+    root = write_benchmark(tmp_path / "ref_seg")
+    code, _, err = infer_main([f"--benchmark={root}", "--bench_sets=refcocog", f"--ckpt={folder}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "refcocog/refs(umd).p not found" in err
+    code, _, err = infer_main([f"--benchmark={root}", "--bench_sets=refclef"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "unknown benchmark 'refclef'" in err
+    code, _, err = infer_main([f"--benchmark={root}", "image.jpg", "segment it"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "drop 'image.jpg'" in err
+
+
+def test_native_resolution_batches_equal_one_at_a_time(released, tmp_path):
+    """At native resolution each image has its own count of visual tokens: a batch of prompts on
+    images of three sizes (left-padded together) generates what each prompt generates alone."""
+    folder, path, image = released
+    model, processor = vlm.load_pretrained(folder, dict(image_size=0))
+    images = [image] + [photo(str(tmp_path / f"{w}x{h}.jpg"), w, h) for w, h in SIZES[1:]]
+    samples, _ = vlm.tokenize([[dict(prompt=PROMPT, answer="", img=i)] for i in range(3)], images, processor, 10 ** 9)
+    counts = [s["ids"].count(processor.image_token_id) for s in samples]
+    assert len(set(counts)) == 3, counts                  # three sizes, three counts of visual tokens
+    together = vlm.generate(model.eval(), processor, samples, images, 80, batch=3)
+    alone = [vlm.generate(model, processor, [s], images, 80, batch=1)[0] for s in samples]
+    assert together == alone and together[0] == ANSWER
