@@ -481,10 +481,11 @@ def split_metrics(sums):
 
 def tables(results, name):
     """The paper's two tables for one checkpoint: cIoU on RefCOCO / RefCOCO+ / RefCOCOg, and gIoU /
-    cIoU / N-acc on gRefCOCO, in percent; "-" where a split was not evaluated."""
+    cIoU / N-acc on gRefCOCO with their mean over the splits, in percent; "-" where a split was
+    not evaluated."""
     pct = lambda m, k: "-" if m is None or m[k] is None else f"{100 * m[k]:.1f}"
     ref = [(b, sp) for b in ("refcoco", "refcoco+", "refcocog") for sp in BENCHMARKS[b][1]]
-    g = BENCHMARKS["grefcoco"][1]
+    g = (*BENCHMARKS["grefcoco"][1], "mean")      # the paper's GRES rows are the mean of the three
     return "\n".join([
         "| cIoU | " + " | ".join(f"{b} {sp}" for b, sp in ref) + " |", "|---" * (len(ref) + 1) + "|",
         f"| {name} | " + " | ".join(pct(results.get(f"{b} {sp}"), "ciou") for b, sp in ref) + " |", "",
@@ -513,6 +514,10 @@ def benchmark(cfg):
             results[f"{name} {split}"] = m = split_metrics(sums.cpu())
             print0(f"{name} {split}: {m['expressions']} expressions, " + ", ".join(
                 f"{k} {m[k]:.4f}" for k in ("giou", "ciou", "nacc") if m[k] is not None) + f" ({time.time() - t0:.0f} s)")
+    g = [results[f"grefcoco {sp}"] for sp in BENCHMARKS["grefcoco"][1] if f"grefcoco {sp}" in results]
+    if len(g) == len(BENCHMARKS["grefcoco"][1]):      # the paper's GRES row: the mean of the three splits
+        results["grefcoco mean"] = {k: None if None in (v := [m[k] for m in g]) else float(np.mean(v))
+                                    for k in ("giou", "ciou", "nacc")}
     print0(tables(results, os.path.basename(os.path.normpath(ckpt))))
     if is_master():
         write_json(os.path.join(cfg["out"], "benchmark.json"), dict(checkpoint=ckpt, tokenizer_ckpt=tok_path, results=results))

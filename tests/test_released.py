@@ -234,8 +234,11 @@ def test_benchmark_scores_by_the_definitions(released, tmp_path, monkeypatch, ca
     code, out, err = infer_main([f"--benchmark={root}", f"--ckpt={folder}", f"--out={tmp_path / 'o'}"], capsys)
     assert code == 0, err
     got = json.load(open(tmp_path / "o" / "benchmark.json"))["results"]
-    assert sorted(got) == ["grefcoco testA", "grefcoco testB", "grefcoco val", "refcoco testA", "refcoco testB", "refcoco val"]
-    for key, m in got.items():
+    assert sorted(got) == ["grefcoco mean", "grefcoco testA", "grefcoco testB", "grefcoco val", "refcoco testA",
+                           "refcoco testB", "refcoco val"]
+    assert got["grefcoco mean"]["ciou"] is None     # testB has no target: no cIoU, so no mean of it
+    assert abs(got["grefcoco mean"]["giou"] - np.mean([got[f"grefcoco {sp}"]["giou"] for sp in ("val", "testA", "testB")])) < 1e-12
+    for key, m in ((k, m) for k, m in got.items() if k != "grefcoco mean"):
         want = expected(root, *key.split())
         assert m["expressions"] == want["expressions"]
         for k in ("giou", "ciou", "nacc"):
