@@ -6,7 +6,6 @@ one-line error exit for bad input.
 """
 
 import ast
-import contextlib
 import json
 import math
 import os
@@ -37,12 +36,14 @@ def run(main):
 
 
 # ----------------------------------------------------------------------------- configuration
-def configure(defaults, presets, argv=None, doc=None, positional=False):
+def configure(defaults, presets, argv=None, doc=None, positional=False, required=None):
     """nanoGPT-style configuration: module defaults, then a preset (plain dict of overrides,
     --preset=tiny by default), then --key=value (or --key value) overrides typed like the default
     they replace. --help prints the options, their defaults and the presets, and exits 0.
     Returns a new dict; an unknown key or a value of the wrong type is a UserError. positional:
-    arguments that are not options are allowed anywhere and returned too: (cfg, [arguments])."""
+    arguments that are not options are allowed anywhere and returned too: (cfg, [arguments]).
+    required: {preset: {key: what to pass}}, options a preset needs said on the command line (the
+    paper preset's data and weights: their defaults are the toy world's, never what was meant)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(help_text(defaults, presets, doc))
@@ -74,6 +75,9 @@ def configure(defaults, presets, argv=None, doc=None, positional=False):
         if k not in cfg:
             raise UserError(f"unknown option --{k}; options are: {', '.join(sorted(cfg))} (see --help)")
         cfg[k] = parse_value(k, v, cfg[k])
+    for k, hint in (required or {}).get(preset, {}).items():
+        if k not in args:
+            raise UserError(f"--preset={preset} needs --{k}: {hint}")
     return (cfg, rest) if positional else cfg
 
 
@@ -152,16 +156,6 @@ def print0(*args, **kwargs):
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def rank0_first():
-    """Rank 0 runs the block first (it writes a cache), the other ranks after it (they read it)."""
-    if dist.is_initialized() and not is_master():
-        dist.barrier()
-    yield
-    if dist.is_initialized() and is_master():
-        dist.barrier()
 
 
 def autocast(device):
@@ -244,6 +238,33 @@ def write_json(path, obj):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def random_states(gen, world, device):
+    """Every rank's random state, for a checkpoint: its data draws (gen), torch's own and the
+    GPU's. A collective: every rank calls it at the same step."""
+    state = dict(data=gen.get_state(), torch=torch.get_rng_state(),
+                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_random(resumed, gen, rank, world, device):
+    """--resume: the random state this rank saved (resumed["rng"], from random_states), so the run
+    draws what an uninterrupted run would have; on another number of ranks the draws start anew."""
+    if resumed is None:
+        return
+    states = resumed.get("rng") or []
+    if len(states) != world:
+        print0(f"resuming on {world} rank(s) a run saved on {len(states) or 'unknown'}: the data is drawn anew")
+        return
+    gen.set_state(states[rank]["data"])
+    torch.set_rng_state(states[rank]["torch"])
+    if "cuda" in states[rank] and device.type == "cuda":
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- masks

@@ -16,10 +16,10 @@ Run it (Stage 1 and 2 first: python tokenizer.py && python sft.py):
     python grpo.py                                        # CPU, preset tiny
     python grpo.py --reward=iou                           # compare: match (default) | match_partial | iou
     python grpo.py --device=cuda                          # one GPU
-    torchrun --standalone --nproc_per_node=8 grpo.py --preset=paper
+    torchrun --standalone --nproc_per_node=8 grpo.py --preset=paper --data=DATA
     # two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
-        grpo.py --preset=paper
+        grpo.py --preset=paper --data=DATA
 Options are --key=value (python grpo.py --help lists them): --init_from=FOLDER (a Stage-2 output, default out/sft),
 --data=FOLDER (or coco:..., refcoco:..., as in Stage 2) takes the prompts from another dataset,
 --loss_type=grpo|dr_grpo|dapo, --scale_rewards=group|none, --beta=0 drops the KL term (and the reference),
@@ -94,9 +94,9 @@ PRESETS = {
     # paper: 16 rollouts per prompt (GCG); the rest is ours. 16 prompts x 16 = 256 completions a step.
     "paper": dict(image_size=448, tasks="refer,gcg", num_generations=16, max_new_tokens=512, steps=1000,
                   batch_size=256, micro_batch=8, lr=1e-6, beta=0.04, min_lr_ratio=1.0, warmup_frac=0.0, beta2=0.999,
-                  freeze_vision=True, fsdp=True, grad_checkpointing=True, log_every=1, ckpt_every=50,
-                  eval_n=500, eval_batch=32),
+                  freeze_vision=True, fsdp=True, grad_checkpointing=True, log_every=1, ckpt_every=50, eval_n=500, eval_batch=32),
 }
+PAPER_NEEDS = {"paper": dict(data="the prompts' data, e.g. --data='grefcoco:...' (--data=shapes: the toy world)")}
 # the paper's textual reward (match), a half-credit variant for the level-1 word, and the pixel IoU
 REWARDS = ("match", "match_partial", "iou")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -227,7 +227,7 @@ def score_rollouts(rows, prompts, cfg, decode=None, gt_union=None):
     G completions of a prompt share the image, so the tokenizer encodes it once)."""
     R = [0.0] * len(rows)
     if cfg["reward"] == "iou":
-        codes = [[c for c in text_to_codes(r["text"]) if c != (-1, -1)] for r in rows]
+        codes = [[c for c in text_to_codes(r["text"]) if c[0] >= 0] for r in rows]
         by_img = {}
         for k, r in enumerate(rows):
             by_img.setdefault(prompts[r["prompt"]]["img"], []).append(k)
@@ -434,12 +434,12 @@ def finish(cfg, history, before, mask_tok, device, t_start):
 
 
 def prepare_policy(model, processor, images, cfg, init, step, world, device, state):
-    """The frozen reference (only with the KL term: always the start model, also on resume), what
-    trains (as Stage 2 decided), DDP / FSDP2, AdamW (its state restored on resume), and a frozen
-    tower's tokens of every training image (the tiny preset: a fixed function of the image, the
-    same in the reference), computed once. -> (net, opt, ref, visual tokens or None)."""
-    ref = (load_model(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval().requires_grad_(False) \
-        if cfg["beta"] > 0 else None
+    """The frozen reference (with the KL term only: the start model, also on resume; FSDP2: sharded,
+    bf16 on GPU), what trains (as Stage 2 decided), DDP / FSDP2, AdamW (its state restored on
+    resume), and a frozen tower's tokens of every training image (the tiny preset: a fixed function
+    of the image, the same in the reference), computed once. -> (net, opt, ref, visual or None)."""
+    ref = parallelize((load_model(init, cfg)[0] if step else copy.deepcopy(model)).to(device).eval().requires_grad_(False),
+                      cfg, world, device, frozen=True) if cfg["beta"] > 0 else None
     set_trainable(model, cfg)
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -480,7 +480,7 @@ def main():
     t_start = time.time()
     from transformers.utils import logging
     logging.disable_progress_bar()      # one line per step, not a bar per weight file
-    cfg = configure(DEFAULTS, PRESETS, doc=__doc__)
+    cfg = configure(DEFAULTS, PRESETS, doc=__doc__, required=PAPER_NEEDS)
     check_options(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = init_distributed(cfg["device"])
     torch.manual_seed(cfg["seed"])

@@ -19,13 +19,17 @@ AutoModelForImageTextToText). The paper preset starts from a released Qwen2.5-VL
 Run it (the Stage-1 tokenizer first: python tokenizer.py):
     python sft.py                                         # CPU, preset tiny
     python sft.py --device=cuda                           # one GPU
-    torchrun --standalone --nproc_per_node=8 sft.py --preset=paper
+    torchrun --standalone --nproc_per_node=8 sft.py --preset=paper --data=DATA
     # two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
-        sft.py --preset=paper
+        sft.py --preset=paper --data=DATA
 Options are --key=value (python sft.py --help lists them): --model_type=qwen3_vl builds a tiny
 Qwen3-VL instead, --base_model=Qwen/Qwen2.5-VL-7B-Instruct (or a local folder) starts from a real
-model, --fsdp=true shards with FSDP2, --resume=true continues from out_dir/model.
+model, --fsdp=true shards with FSDP2, --resume=true continues from out_dir/model. The paper preset
+needs its --data on the command line (docs/data.md's specs, e.g. refcoco:...,grefcoco:...).
+--encode_only=true runs the codes pass alone (every mask's two words, sharded over the ranks,
+cached in out/codes for sft.py and grpo.py), e.g. once for a dataset before training:
+    torchrun --standalone --nproc_per_node=8 sft.py --preset=paper --data=DATA --encode_only=true
 Writes out_dir/model (save_pretrained: model + processor + optimizer state), out_dir/metrics.json
 and out_dir/gallery.png (test predictions over their images).
 """
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 
 import tiny_vlm
 from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, is_master, lr_at, print0,
-                    rank0_first, run, set_lr, stop_early, write_json)
+                    run, set_lr, stop_early, write_json)
 from data.tasks import conversations, text_corpus
 from samtok import codes_to_text, load_tokenizer, mask_tokens
 from vlm import (collate, evaluate, load_pretrained, load_world, micro_batches, parallelize, resume_dir, save_checkpoint,
@@ -86,6 +90,7 @@ DEFAULTS = dict(
     log_every=50, ckpt_every=500, resume=False,
     stop_after=0,               # stop after this many steps of this run (simulates an interruption)
     eval_n=100,                 # test scenes for the final evaluation (0: none)
+    encode_only=False,          # only the codes pass: encode the train and test masks into the cache, then stop
     eval_batch=64,
     peak_tflops=989.0,          # the GPU's dense bf16 peak (H100: 989), for the MFU in the step line
 )
@@ -97,6 +102,7 @@ PRESETS = {
                   lr=2e-5, min_lr_ratio=0.0, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
                   max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32),
 }
+PAPER_NEEDS = {"paper": dict(data="the data to train on, e.g. --data='refcoco:...,grefcoco:...' (--data=shapes: the toy world)")}
 TASKS = ("refer", "caption", "gcg")
 
 
@@ -182,9 +188,9 @@ def setup(cfg, mask_tok, tasks, model_dir):
     conversations. Returns model, processor, images, conversations, the 512 code words' ids,
     the resumed train state (or None), how many conversations max_len dropped."""
     built = not cfg["resume"] and not cfg["base_model"]
-    with rank0_first():         # rank 0 encodes the masks and caches the codes, then the others read them
-        images, samples, scenes, codes = load_world("train", cfg["n_train"], mask_tok, cfg, tasks, cfg["extra_none"],
-                                                    keep_masks=built and cfg["vision_pretrain_steps"] > 0)
+    # every rank encodes its share of the masks (vlm.scene_codes), or all read them from the cache
+    images, samples, scenes, codes = load_world("train", cfg["n_train"], mask_tok, cfg, tasks, cfg["extra_none"],
+                                                keep_masks=built and cfg["vision_pretrain_steps"] > 0)
     state = None
     if cfg["resume"]:
         src, state = resume_dir(model_dir)
@@ -240,6 +246,16 @@ def prepare_training(model, processor, images, convs, cfg, world, device, state)
     return net, opt, params, visual, stream
 
 
+def encode_only(cfg, mask_tok, tasks):
+    """--encode_only=true: the codes pass alone, so a dataset is encoded once before any training
+    (sharded over torchrun's ranks, on their devices): the masks of the n_train train scenes and
+    of the eval_n test scenes, into the cache that sft.py and grpo.py read (vlm.scene_codes)."""
+    load_world("train", cfg["n_train"], mask_tok, cfg, tasks, cfg["extra_none"])
+    if cfg["eval_n"]:
+        load_world("test", cfg["eval_n"], mask_tok, cfg, ("refer", "caption"))
+    cleanup()
+
+
 def final_evaluation(cfg, mask_tok, device, padding, dropped, train_seconds):
     """The model as saved (it checks the saved format too), loaded fresh as grpo.py or any user
     would, scored on the test split on rank 0; writes metrics.json and gallery.png."""
@@ -262,13 +278,15 @@ def final_evaluation(cfg, mask_tok, device, padding, dropped, train_seconds):
 
 # ----------------------------------------------------------------------------- main
 def main():
-    cfg = dict(configure(DEFAULTS, PRESETS, doc=__doc__), stage="sft")
+    cfg = dict(configure(DEFAULTS, PRESETS, doc=__doc__, required=PAPER_NEEDS), stage="sft")
     tasks = check_options(cfg)
     rank, world, device = init_distributed(cfg["device"])
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP does not broadcast)
     print0("config:", cfg)
     t_start, model_dir = time.time(), os.path.join(cfg["out_dir"], "model")
-    mask_tok = load_tokenizer(tokenizer_of(cfg, cfg["base_model"], DEFAULTS["tokenizer_ckpt"]))   # Stage 1: mask -> words
+    mask_tok = load_tokenizer(tokenizer_of(cfg, cfg["base_model"], DEFAULTS["tokenizer_ckpt"]), device)  # mask -> words
+    if cfg["encode_only"]:          # the codes pass alone: the words of every train and test mask, cached
+        return encode_only(cfg, mask_tok, tasks)
     model, processor, images, convs, word_ids, state, dropped = setup(cfg, mask_tok, tasks, model_dir)
     net, opt, params, visual, stream = prepare_training(model, processor, images, convs, cfg, world, device, state)
 

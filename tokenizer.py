@@ -3,8 +3,9 @@ SAMTok Stage 1: train the mask tokenizer (samtok.py), any region mask -> two cod
 
 "We represent any mask with two words." Training follows PAPER.md section 1: the image encoder
 and the prompt encoder are frozen; the new mask encoder, SAM2's mask decoder and the codebooks
-(EMA, not gradient) learn; loss = 2.0 x sigmoid BCE + 0.5 x Dice + 1.0 x commitment, on the best
-of SAM2's three multimask outputs.
+(EMA, not gradient) learn; loss = 2.0 x sigmoid BCE + 0.5 x Dice + 1.0 x commitment, on one
+of SAM2's three multimask outputs: the best one (tiny), or the one the frozen IoU head picks
+(paper, as the authors' code does).
 
 The embedded default (preset tiny) has no pretrained SAM2 to start from, so it runs in phases:
   1. SAM2 pretraining with box prompts on the synthetic shapes world (the analogue of the paper
@@ -17,10 +18,11 @@ The paper preset loads SAM2.1 (--sam2_ckpt) instead of phase 1 and has no warm-u
 Run it:
     python tokenizer.py                                    # CPU, preset tiny
     python tokenizer.py --device=cuda                      # one GPU
-    torchrun --standalone --nproc_per_node=8 tokenizer.py --preset=paper --sam2_ckpt=sam2.1_hiera_large.pt
+    torchrun --standalone --nproc_per_node=8 tokenizer.py --preset=paper --sam2_ckpt=sam2.1_hiera_large.pt \
+        --data=sa1b:/data/sa1b
     # two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
-        tokenizer.py --preset=paper --sam2_ckpt=sam2.1_hiera_large.pt
+        tokenizer.py --preset=paper --sam2_ckpt=sam2.1_hiera_large.pt --data=sa1b:/data/sa1b
 Any option is --key=value (python tokenizer.py --help lists them); --resume=true continues from
 out_dir/ckpt.pt. Writes out_dir/ckpt.pt (weights + config), out_dir/metrics.json and
 out_dir/recon.png (per test scene: image, input masks, 2-code and level-1-only rebuilds).
@@ -35,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (UserError, adamw, atomic_save, autocast, configure, init_distributed, iou, is_master, lr_at, overlay,
-                    print0, progress, read_checkpoint, run, set_lr, stop_early, write_json)
+                    print0, progress, random_states, read_checkpoint, restore_random, run, set_lr, stop_early,
+                    write_json)
 from data.masks import MaskSet, load_split
 from samtok import SAMTok, load_sam2_checkpoint
 
@@ -72,6 +75,7 @@ DEFAULTS = dict(
     loss_res=128,               # 0: logits' own resolution (paper); else upsample logits to this
     train_prompt_encoder=True,  # paper: frozen (pretrained); tiny: our SAM2 never saw mask prompts
     train_iou_head=True,        # paper: frozen; tiny: learned so best-of-3 selection works
+    loss_on="best",             # best: the best of the 3 outputs (SAM's); chosen: the one the IoU head picks
     mask_threshold=0.0,         # decode threshold on logits (the released scripts use 0.5)
     eval_every=500, log_every=50, ckpt_every=500, resume=False,
     stop_after=0,               # stop after this many steps of this run (simulates an interruption)
@@ -86,17 +90,20 @@ PRESETS = {
                   image_size=1024, d_model=256, mlp_dim=2048, cache_features=False,
                   pretrain_steps=0, steps=129_000, batch_size=16, masks_per_image=8, lr=4e-5, unquantized_steps=0,
                   kmeans_samples=16384, dead_threshold=1.0, loss_res=0, train_prompt_encoder=False,
-                  train_iou_head=False, mask_threshold=0.5, eval_every=5000, ckpt_every=2000,
+                  train_iou_head=False, loss_on="chosen", mask_threshold=0.5, eval_every=5000, ckpt_every=2000,
                   n_train=10_000_000, n_val=200, n_test=1000),
 }
+PAPER_NEEDS = {"paper": dict(data="the masks to train on, e.g. --data=sa1b:/data/sa1b (--data=shapes: the toy world)",
+                             sam2_ckpt="SAM2.1, e.g. --sam2_ckpt=sam2.1_hiera_large.pt (none: a random image encoder)")}
 SAM2_KEYS = ("sam2_config", "sam2_overrides", "image_size", "d_model", "mlp_dim")   # what shapes the weights
 
 
 # ----------------------------------------------------------------------------- loss and metrics
 def mask_loss(logits, iou_pred, gt, cfg):
-    """2.0 x sigmoid BCE + 0.5 x Dice on the best of the 3 multimask outputs (SAM's
-    min-over-outputs), plus MSE of the IoU head against the true IoU of each output (when it
-    trains). -> (loss, the true IoU of the output the IoU head picks: what decode() returns)."""
+    """2.0 x sigmoid BCE + 0.5 x Dice on one of the 3 multimask outputs (loss_on: best = the lowest
+    loss, SAM's min-over-outputs; chosen = the one the IoU head rates best, the authors' choice for
+    a frozen head), plus MSE of the IoU head against each output's true IoU (when it trains).
+    -> (loss, the true IoU of the output the IoU head picks: what decode() returns)."""
     # The decoder paints logits at 4x its stride-16 grid (256 x 256 at 1024 px, 32 x 32 at 128 px).
     # The paper compares them with the ground truth nearest-resized down to that grid; the tiny
     # preset upsamples the logits instead, since a 32 x 32 target cannot hold a small shape.
@@ -111,9 +118,12 @@ def mask_loss(logits, iou_pred, gt, cfg):
     p = logits.sigmoid()
     dice = 1 - (2 * (p * t).sum((-1, -2)) + 1) / (p.sum((-1, -2)) + t.sum((-1, -2)) + 1)
     per = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
-    # SAM's answer to ambiguity: of the three outputs only the best one is trained, so the three
-    # can specialise (part, object, group) instead of all averaging to one blur
-    loss = per[torch.arange(len(per)), per.argmin(1)].mean()
+    # SAM's answer to ambiguity: of the three outputs only one is trained, so the three can
+    # specialise (part, object, group) instead of all averaging to one blur
+    if cfg["loss_on"] not in ("best", "chosen"):
+        raise UserError(f"--loss_on takes best or chosen, got {cfg['loss_on']!r}")
+    pick = per.argmin(1) if cfg["loss_on"] == "best" else iou_pred.argmax(1)
+    loss = per[torch.arange(len(per)), pick].mean()
     with torch.no_grad():
         pred = logits > cfg["mask_threshold"]
         true_iou = (pred & (t > 0)).sum((-1, -2)).float() / (pred | (t > 0)).sum((-1, -2)).float().clamp(min=1)
@@ -364,7 +374,7 @@ def resume(model, cfg, ckpt_path):
 # z towards e1 and e1 + e2, and the codebooks move by EMA and dead-code restarts inside the forward
 # (quantizer.py), on every rank alike.
 def main():
-    cfg = configure(DEFAULTS, PRESETS, doc=__doc__)
+    cfg = configure(DEFAULTS, PRESETS, doc=__doc__, required=PAPER_NEEDS)
     rank, world, device = init_distributed(cfg["device"])
     torch.manual_seed(cfg["seed"] + rank)
     gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank draws its own masks
@@ -390,6 +400,7 @@ def main():
 
     # ---- phases 2 and 3: the warm-up through the continuous latent, then through the residual VQ
     B, A, steps, t0, run_steps = cfg["batch_size"], cfg["grad_accum"], cfg["steps"], time.time(), 0
+    restore_random(resumed, gen, rank, world, device)       # --resume: each rank's draws go on where they stopped
     model.rvq.reset_window()
     while step < steps:
         if step == cfg["unquantized_steps"] and not bool(model.rvq.initialized):
@@ -422,10 +433,12 @@ def main():
         if rank == 0 and cfg["eval_every"] and step % cfg["eval_every"] == 0 and step < steps:
             print(f"step {step:5d} val | recon mIoU {evaluate(model, val_ms, cfg)[0].mean():.4f}"
                   + ("" if quantize else " (unquantized)"))
-        if rank == 0 and (step % cfg["ckpt_every"] == 0 or step == steps):
-            atomic_save({"stage": "tokenizer", "config": cfg, "model": model.state_dict(),
-                         "optimizer": opt.state_dict(), "step": step}, ckpt_path)
-            write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)  # the effective config, beside it
+        if step % cfg["ckpt_every"] == 0 or step == steps:
+            rng = random_states(gen, world, device)            # every rank's, gathered on all of them
+            if rank == 0:
+                atomic_save({"stage": "tokenizer", "config": cfg, "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "step": step, "rng": rng}, ckpt_path)
+                write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)  # the effective config, beside it
         # termination conditions
         if stop_early(cfg, run_steps, step, steps):
             return

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, atomic_save, iou, is_master, overlay, print0, progress, rank0_first, read_checkpoint, read_json,
+from common import (UserError, atomic_save, iou, is_master, overlay, print0, progress, read_checkpoint, read_json,
                     resize_image, write_json)
 from data.tasks import ATTRS, absent_refs, scene_samples, scene_seed
 from samtok import MASK_END, MASK_START, mask_tokens, released_files, text_to_codes
@@ -420,16 +420,23 @@ def set_trainable(model, cfg):
         p.requires_grad = not cfg.get("tower_frozen") and (not cfg["freeze_vision"] or "merger" in name)
 
 
-def parallelize(model, cfg, world, device):
+def parallelize(model, cfg, world, device, frozen=False):
     """One process: the model itself. Several: FSDP2 with --fsdp (each decoder layer and vision
     block its own unit, so only one layer's full weights exist at a time: all-gathered before its
     forward, freed after; the root unit holds the rest - embeddings, merger, LM head; bf16
     compute, fp32 gradient reduction on GPU), else DDP (every rank holds the whole model;
-    gradients are averaged in buckets during backward). grpo.py wraps its policy the same way."""
+    gradients are averaged in buckets during backward). grpo.py wraps its policy the same way.
+    frozen (GRPO's reference: no gradients, no optimizer): sharded the same way under --fsdp, its
+    weights stored in bf16 on GPU (what its forward computes in anyway: 2 bytes a parameter,
+    spread over the ranks, instead of 4 on each); without --fsdp the model itself (nothing to sync)."""
+    if frozen and not (cfg["fsdp"] and world > 1):
+        return model
     if cfg["fsdp"] and world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device.type, (world,))
+        if frozen and device.type == "cuda":
+            model.to(torch.bfloat16)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
             else MixedPrecisionPolicy()
         for block in list(vision_tower(model).blocks) + list(decoder_layers(model)):
@@ -502,23 +509,43 @@ def file_hash(path):
     return h.hexdigest()
 
 
-def scene_codes(mask_tok, cfg, split, scenes):
-    """The tokenizer's codes of every mask of (seed, scene) pairs, encoded once and cached on
-    disk (in cfg["out_dir"]) under a key made of the tokenizer checkpoint's content hash, the
-    data spec, the split and the seeds."""
+def scene_codes(mask_tok, cfg, split, scenes, shard=True):
+    """The tokenizer's codes of every mask of (seed, scene) pairs, cached on disk in codes/ beside
+    out_dir (out/codes: sft.py and grpo.py share it), under a key made of the tokenizer
+    checkpoint's content hash, the data spec, the split, the seeds and the precision, so a new
+    tokenizer never reuses stale words. Encoding is the heavy one-off work of Stages 2-3 (SAM2's
+    image encoder over every training image), so under torchrun it is sharded (shard=True, every
+    rank calls this): rank r encodes scenes r, r + world, ... on its own device (bf16 autocast on
+    GPU), and the codes are all-gathered, so no rank waits for work it could share and nothing
+    needs a shared filesystem. Whether the cache is there is agreed by all ranks first."""
+    from common import autocast
     seeds = [seed for seed, _ in scenes]
-    key = hashlib.sha1(f"{file_hash(mask_tok.checkpoint)}|{cfg['data']}|{split}|{seeds}".encode())
-    path = os.path.join(cfg["out_dir"], f"codes_{key.hexdigest()[:12]}.pt")
-    if os.path.exists(path):
+    precision = "bf16" if mask_tok.device.type == "cuda" else "fp32"
+    key = hashlib.sha1(f"{file_hash(mask_tok.checkpoint)}|{cfg['data']}|{split}|{seeds}|{precision}".encode())
+    path = os.path.join(os.path.dirname(os.path.normpath(cfg["out_dir"])) or ".", "codes", f"{key.hexdigest()[:16]}.pt")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
+    cached = torch.tensor([os.path.exists(path)], dtype=torch.int32, device=mask_tok.device)
+    if world > 1:
+        dist.all_reduce(cached, op=dist.ReduceOp.MIN)        # every rank reads, or every rank encodes
+    if cached.item():
         return read_checkpoint(path)
     t0 = time.time()
-    codes = [mask_tok.encode(s["image"], s["masks"]).cpu().short() for _, s in progress(scenes, f"encoding {split} masks")]
-    atomic_save(codes, path)
-    print(f"encoded the masks of {len(scenes)} {split} scenes with the tokenizer in {time.time() - t0:.0f} s -> {path}")
+    with autocast(mask_tok.device):
+        mine = {k: mask_tok.encode(s["image"], s["masks"]).cpu().short()
+                for k, (_, s) in progress(list(enumerate(scenes))[rank::world], f"encoding {split} masks")}
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        mine = {k: c for part in parts for k, c in part.items()}
+    codes = [mine[k] for k in range(len(scenes))]
+    if rank == 0:
+        atomic_save(codes, path)
+        print(f"encoded the masks of {len(scenes)} {split} scenes on {world} rank{'s' * (world > 1)} "
+              f"in {time.time() - t0:.0f} s -> {path}")
     return codes
 
 
-def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False):
+def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False, shard=True):
     """The first n scenes of a split of cfg["data"] (data.open_dataset: the shapes world by default)
     -> (images (n, S, S, 3) uint8 at the VLM's input size S = cfg["image_size"], samples with
     their image index, scenes as (seed, scene), codes). extra_none: more no-target phrases a
@@ -530,7 +557,7 @@ def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False):
     scenes = [(scene_seed(s["id"]), s) for s in islice(open_dataset(cfg["data"], skipped, split=split), n)]
     if not scenes:
         raise UserError(f"--data={cfg['data']}: no usable scene in the {split} split")
-    codes = scene_codes(mask_tok, cfg, split, scenes)
+    codes = scene_codes(mask_tok, cfg, split, scenes, shard)
     samples = []
     for k, ((seed, s), c) in enumerate(zip(scenes, codes)):
         if split == "train" and extra_none and "refs" in s:
@@ -549,9 +576,7 @@ def load_prompts(cfg, mask_tok):
     "No target."): dicts with task, prompt, answer, targets, img. Returns (images at the VLM's
     input size, prompts, scenes as (seed, scene); masks kept only for the iou reward)."""
     tasks = tuple(cfg["tasks"].split(","))
-    with rank0_first():         # rank 0 encodes the answers' masks and caches the codes first
-        images, samples, scenes, _ = load_world("train", cfg["n_train"], mask_tok, cfg, tasks,
-                                                keep_masks=cfg["reward"] == "iou")
+    images, samples, scenes, _ = load_world("train", cfg["n_train"], mask_tok, cfg, tasks, keep_masks=cfg["reward"] == "iou")
     prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
     if not prompts:
         raise UserError(f"--data={cfg['data']}: no usable prompts for --tasks={cfg['tasks']} in {len(scenes)} train "
@@ -591,7 +616,7 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
     Masks and metrics are at each scene's own size, whatever size the VLM saw the image at."""
     was_training = model.training
     model.eval()
-    images, samples, scenes, codes = load_world("test", n, mask_tok, cfg, ("refer", "caption"))
+    images, samples, scenes, codes = load_world("test", n, mask_tok, cfg, ("refer", "caption"), shard=False)  # rank 0 alone
     samples, _ = tokenize([[s] for s in samples], images, processor, max_len=10 ** 9)   # one turn each
     samples = [dict(c["turns"][0], **c) for c in samples]
     refer = [s for s in samples if s["task"] == "refer"]
@@ -607,7 +632,8 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
     # Masks are text: parse the generated words (tolerantly: PAPER.md section 2's repairs), then
     # decode them with the Stage-1 decoder over the scene's own image. Per scene one decode call for
     # every predicted mask of every prompt, and one for decode(encode(GT)) = the tokenizer's ceiling.
-    pred_codes = [[c for c in text_to_codes(t) if c != (-1, -1)] for t in refer_text]
+    # A span without a valid level-1 code (c1 = -1) cannot be decoded: no prediction, as in infer.py.
+    pred_codes = [[c for c in text_to_codes(t) if c[0] >= 0] for t in refer_text]
     by_scene = {}
     for k, s in enumerate(refer):
         by_scene.setdefault(s["img"], []).append(k)

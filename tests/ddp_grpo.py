@@ -22,12 +22,12 @@ import vlm  # noqa: E402
 from common import run  # noqa: E402
 
 
-def train(folder, setup, net_of=lambda m: m, rank=0, world=1):
+def train(folder, setup, net_of=lambda m, frozen=False: m, rank=0, world=1):
     """Two GRPO steps on the fixed rows, from the saved policy; the reference model (beta > 0)
-    is the same start. SGD, so the weights compare the gradients themselves."""
+    is the same start (sharded too under FSDP2). SGD, so the weights compare the gradients themselves."""
     cfg = setup["cfg"]
     model, processor = vlm.load_model(os.path.join(folder, "model"), cfg)
-    ref = vlm.load_model(os.path.join(folder, "model"), cfg)[0].eval().requires_grad_(False)
+    ref = net_of(vlm.load_model(os.path.join(folder, "model"), cfg)[0].eval().requires_grad_(False), frozen=True)
     net = net_of(model)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"])
     stats = [grpo.update(net, opt, rows, setup["prompts"], setup["images"], processor, cfg, rank, world, ref)
@@ -43,7 +43,7 @@ def main(folder):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     for name, fsdp in (("ddp", False), ("fsdp", True)):
         cfg = dict(setup["cfg"], fsdp=fsdp)
-        net, stats = train(folder, dict(setup, cfg=cfg), lambda m: vlm.parallelize(m, cfg, world, device), rank, world)
+        net, stats = train(folder, dict(setup, cfg=cfg), lambda m, frozen=False: vlm.parallelize(m, cfg, world, device, frozen), rank, world)
         sd = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"weights": sd, "stats": stats}, os.path.join(folder, f"{name}.pt"))

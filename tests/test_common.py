@@ -99,6 +99,26 @@ def test_configure_refuses_with_one_line(argv, says):
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("script", ["tokenizer.py", "sft.py", "grpo.py"])
+def test_paper_preset_refuses_the_toy_world_and_random_weights_unless_asked(script, tmp_path):
+    """--preset=paper trains for days: without --data (and, for Stage 1, --sam2_ckpt) on the command
+    line it stops at once with one line saying what to pass, before anything is read or written."""
+    run = lambda *args: subprocess.run([sys.executable, script, "--preset=paper", f"--out_dir={tmp_path / 'o'}", *args],
+                                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--preset=paper needs --data:" in r.stderr
+    assert "--data=shapes" in r.stderr and not os.path.exists(tmp_path / "o")
+    if script == "tokenizer.py":
+        r = run("--data=shapes")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs --sam2_ckpt:" in r.stderr
+    # asked explicitly, the configuration goes through
+    args = ["--data=shapes"] + (["--sam2_ckpt=none"] if script == "tokenizer.py" else [])
+    module = {"tokenizer.py": tokenizer, "sft.py": sft, "grpo.py": grpo}[script]
+    cfg = configure(module.DEFAULTS, module.PRESETS, ["--preset=paper", *args], required=module.PAPER_NEEDS)
+    assert cfg["data"] == "shapes" and cfg["preset"] == "paper"
+
+
 def test_infer_takes_options_before_after_and_between_the_positionals():
     image, prompt, cfg = infer.parse_args(["img.jpg", "a prompt", "--out", "x/y"])
     assert (image, prompt, cfg["out"]) == ("img.jpg", "a prompt", "x/y")

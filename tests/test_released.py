@@ -274,3 +274,13 @@ def test_native_resolution_batches_equal_one_at_a_time(released, tmp_path):
     together = vlm.generate(model.eval(), processor, samples, images, 80, batch=3)
     alone = [vlm.generate(model, processor, [s], images, 80, batch=1)[0] for s in samples]
     assert together == alone and together[0] == ANSWER
+
+
+def test_cpu_dtype_is_fp32_unless_it_does_not_fit(released, capsys):
+    """--dtype=auto on a CPU: fp32 (faster there), bf16 when the fp32 weights and the file being
+    read would not fit in the free memory, with one line saying so."""
+    folder = released[0]
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    assert infer.cpu_dtype(folder, free=100 * size) == torch.float32 and capsys.readouterr().out == ""
+    assert infer.cpu_dtype(folder, free=size) == torch.bfloat16
+    assert "loading it in bf16" in capsys.readouterr().out

@@ -335,6 +335,26 @@ def test_script_ddp_fsdp_resume_eval(world, tok_ckpt, tmp_path):
     assert not [f for f in os.listdir(o["one"]) if f.endswith((".tmp", ".old"))]
 
 
+def test_codes_pass_on_two_ranks_equals_one_process(tok_ckpt, tmp_path):
+    """sft.py --encode_only=true: under torchrun each rank encodes its share of the scenes and the
+    codes are gathered; 2 gloo ranks write the cache one process writes, and a second pass reads it."""
+    common = [f"--tokenizer_ckpt={tok_ckpt}", "--n_train=5", "--eval_n=3", "--encode_only=true"]
+    outs = {n: finish(run(common + [f"--out_dir={tmp_path / str(n) / 'sft'}"], nproc=n if n > 1 else 0)) for n in (1, 2)}
+    assert "on 2 ranks" in outs[2] and "on 1 rank " in outs[1] and not (tmp_path / "1" / "sft" / "model").exists()
+    caches = {n: sorted((tmp_path / str(n) / "codes").iterdir()) for n in (1, 2)}
+    assert [f.name for f in caches[1]] == [f.name for f in caches[2]] and len(caches[1]) == 2     # train and test
+    for a, b in zip(caches[1], caches[2]):
+        ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+        assert len(ca) in (5, 3) and all(torch.equal(x, y) for x, y in zip(ca, cb))
+    mask_tok = load_tokenizer(tok_ckpt)
+    from data import open_dataset
+    scenes = [s for _, s in zip(range(5), open_dataset("shapes", split="train"))]
+    train = next(torch.load(f, weights_only=True) for f in caches[1] if len(torch.load(f, weights_only=True)) == 5)
+    assert all(torch.equal(c.long(), mask_tok.encode(s["image"], s["masks"])) for c, s in zip(train, scenes))
+    again = finish(run(common + [f"--out_dir={tmp_path / '2' / 'grpo'}"], nproc=2))   # another stage's out_dir, same cache
+    assert "encoded" not in again
+
+
 def test_script_config_built_frozen_tower_ddp_fsdp(tok_ckpt, tmp_path):
     """The default path: a config-built model whose pretrained tower is frozen, so its visual
     tokens are computed once and passed as mm_encoder_outputs (the tower never runs in a step);

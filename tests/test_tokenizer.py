@@ -150,6 +150,25 @@ def test_training_steps_lower_the_loss():
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 
+def test_loss_on_the_best_output_or_the_one_the_iou_head_picks():
+    """loss_on=best trains the output with the lowest loss (SAM's), loss_on=chosen the one the IoU
+    head rates best (the authors' code, the paper preset): the output decode() returns."""
+    torch.manual_seed(0)
+    logits, iou_pred = torch.randn(4, 3, 16, 16), torch.randn(4, 3)
+    gt = torch.rand(4, 16, 16) > 0.5
+    cfg = configure(T.DEFAULTS, T.PRESETS, ["--loss_res=16", "--train_iou_head=false"])
+    t = gt[:, None].float().expand_as(logits)          # the loss of each output, by the formula
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="none").mean((-1, -2))
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * t).sum((-1, -2)) + 1) / (p.sum((-1, -2)) + t.sum((-1, -2)) + 1)
+    per = 2.0 * bce + 0.5 * dice
+    rows = torch.arange(4)
+    assert not torch.equal(per.argmin(1), iou_pred.argmax(1))       # the two rules differ on this batch
+    for rule, k in (("best", per.argmin(1)), ("chosen", iou_pred.argmax(1))):
+        assert torch.allclose(T.mask_loss(logits, iou_pred, gt, dict(cfg, loss_on=rule))[0], per[rows, k].mean())
+    assert configure(T.DEFAULTS, T.PRESETS, ["--preset=paper", "--data=shapes", "--sam2_ckpt=none"])["loss_on"] == "chosen"
+
+
 def run_script(args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     return subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *args], cwd=cwd, env=env,
@@ -175,6 +194,12 @@ def test_script_interrupt_and_resume(tmp_path):
     assert 0 <= metrics["recon_miou"] <= 1 and len(metrics["usage"]) == 2
     assert os.path.exists(os.path.join(out, "recon.png"))
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]     # no half-written files
+    # the resumed run drew the masks the uninterrupted one draws: the same weights, bit for bit
+    r = run_script(RUN + [f"--out_dir={tmp_path / 'whole'}", "--steps=6"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    whole = torch.load(os.path.join(tmp_path / "whole", "ckpt.pt"), weights_only=True)["model"]
+    resumed = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
 
 
 def test_script_bad_input(tmp_path):
