@@ -103,7 +103,7 @@ PRESETS = {
                   max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32),
 }
 PAPER_NEEDS = {"paper": dict(data="the data to train on, e.g. --data='refcoco:...,grefcoco:...' (--data=shapes: the toy world)")}
-TASKS = ("refer", "caption", "gcg")
+TASKS = ("refer", "caption", "gcg", "ground")
 
 
 # ----------------------------------------------------------------------------- vocabulary surgery
@@ -198,7 +198,7 @@ def setup(cfg, mask_tok, tasks, model_dir):
     elif cfg["base_model"]:
         model, processor = load_pretrained(cfg["base_model"], cfg)
     else:
-        processor = tiny_vlm.build_processor(cfg, text_corpus([s for _, s in scenes[:500]]))
+        processor = tiny_vlm.build_processor(cfg, text_corpus([s for _, s in scenes[:500]], tasks))
         model = tiny_vlm.build_model(cfg, processor)
     word_ids = torch.tensor(add_mask_tokens(model, processor)[1:-1])       # the 512 code words
     if built:
@@ -272,7 +272,8 @@ def final_evaluation(cfg, mask_tok, device, padding, dropped, train_seconds):
     f = lambda x: "-" if x is None else f"{x:.3f}"       # a dataset without no-target prompts or captions
     print(f"test: referring mIoU {m['refer_miou']:.4f} (tokenizer ceiling {m['tokenizer_ceiling_miou']:.4f}, ratio "
           f"{m['refer_miou_over_ceiling']:.2f}) | cIoU {m['refer_ciou']:.4f} | N-acc {f(m['nacc'])} | exact mask words "
-          f"{f(m['exact_match'])} | caption attributes {f(m['caption_attr_acc'])}")
+          f"{f(m['exact_match'])} | caption attributes {f(m['caption_attr_acc'])} | right object {f(m['refer_right_object'])} "
+          f"(tiny {f(m['refer_right_object_tiny'])}, big {f(m['refer_right_object_big'])})")
     print(f"padding {padding:.1%} | trained in {train_seconds:.0f} s | wrote {model_dir}, {out}/metrics.json, {out}/gallery.png")
 
 

@@ -612,7 +612,9 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
     nacc: no-target prompts answered with no mask; exact_match: generated codes == the tokenizer's
       codes of the targets (prompts with targets); caption_attr_acc: colour, shape and size words
       of the object right in the generated region caption (mean over the three);
-    tokenizer_ceiling_miou: the same mIoU with decode(encode(targets)): what perfect words give.
+    tokenizer_ceiling_miou: the same mIoU with decode(encode(targets)): what perfect words give;
+    refer_right_object (overall, _tiny < 1.2 % of the image, _medium, _big > 10 %): single-target
+      prompts whose prediction overlaps the target best of the scene's objects, with IoU > 0.3.
     Masks and metrics are at each scene's own size, whatever size the VLM saw the image at."""
     was_training = model.training
     model.eval()
@@ -638,7 +640,7 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
     for k, s in enumerate(refer):
         by_scene.setdefault(s["img"], []).append(k)
     pred_masks, ious, inter, union = [None] * len(refer), np.zeros(len(refer)), 0, 0
-    ceiling = np.zeros(len(refer))
+    ceiling, right = np.zeros(len(refer)), {}          # right: single-target prompt -> (right object?, size)
     for img, ks in progress(by_scene.items(), "decoding masks"):
         image, gt_masks = scenes[img][1]["image"], scenes[img][1]["masks"]
         empty = np.zeros(image.shape[:2], bool)          # no target / no prediction, at the scene's size
@@ -655,6 +657,14 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
             ceiling[k] = iou((rebuilt[t].any(0) if t else empty)[None], gt[None])[0]
             inter, union = inter + (pred & gt).sum(), union + (pred | gt).sum()
             pred_masks[k] = pred
+            if len(t) == 1:
+                # the right object: of the scene's objects the prediction overlaps the target best,
+                # with IoU > 0.3 (a mask on the wrong object, or a blur over several, is not)
+                overlap = iou(np.broadcast_to(pred, gt_masks.shape), gt_masks)
+                area = gt.mean()
+                size = "tiny" if area < 0.012 else "big" if area > 0.1 else "medium"
+                right[k] = (bool(pred.any() and overlap.argmax() == t[0] and overlap[t[0]] > 0.3), size)
+    hits = {z: [r for r, size in right.values() if z in ("", size)] for z in ("", "tiny", "medium", "big")}
     kinds = np.array([s["kind"] for s in refer])
     none = kinds == "none"    # N-acc: a no-target prompt is right when no mask at all comes back
     # The key learnable quantity: did the VLM say exactly the tokenizer's words for the targets?
@@ -675,6 +685,7 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
         exact_match=float(np.mean(exact)) if exact else None,
         caption_attr_acc=float(np.mean(attr_hits)) if attr_hits else None,
         tokenizer_ceiling_miou=float(ceiling.mean()),
+        **{"refer_right_object" + (f"_{z}" if z else ""): float(np.mean(v)) if v else None for z, v in hits.items()},
         eval_scenes=n, eval_refer=len(refer), eval_captions=len(caps), eval_generate_seconds=gen_seconds)
     if gallery:
         shown = [k for k in range(len(refer)) if refer[k]["targets"]][:8]
@@ -715,4 +726,4 @@ def metrics_line(m):
     """The evaluation's headline figures on one line."""
     f = lambda x: "-" if x is None else f"{x:.4f}"
     return (f"referring mIoU {f(m['refer_miou'])} | cIoU {f(m['refer_ciou'])} | N-acc {f(m['nacc'])} "
-            f"| exact mask words {f(m['exact_match'])}")
+            f"| exact mask words {f(m['exact_match'])} | right object {f(m.get('refer_right_object'))}")

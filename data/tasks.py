@@ -3,6 +3,8 @@ The Stage-2 / Stage-3 tasks (PAPER.md section 3), built from any scene of data.o
 
     referring / generalized segmentation   "Please segment {phrase} in this image."  -> mask words, or "No target."
     region captioning                      "Describe the region {mask words} in detail."  -> a caption
+    grounding (Qwen-VL's own pretraining)  "Where is {phrase} in this image? Answer with its box."
+                                           -> <|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
     grounded conversation (GCG)            "Please describe the image and segment ..."
                                            -> text with <|object_ref_start|>phrase<|object_ref_end|><mask words>
 
@@ -27,11 +29,14 @@ REFER_PROMPTS = ("Please segment {} in this image.", "Segment {}.", "Can you seg
                  "Where is {}? Answer with its mask.", "Give the mask of {}.")
 CAPTION_PROMPTS = ("Describe the region {} in detail.", "What is in the region {}?",
                    "Please describe the region {} briefly.")
+GROUND_PROMPTS = ("Where is {} in this image? Answer with its box.", "Give the box of {}.",
+                  "Locate {} with a bounding box.")
 GCG_PROMPTS = ("Please describe the image and segment every object you mention.",
                "Describe this image, with a mask for each object.",
                "What is in this image? Ground each object with its mask.")
 NO_TARGET = "No target."
 REF_START, REF_END = "<|object_ref_start|>", "<|object_ref_end|>"   # Qwen's own grounding tokens
+BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
 # the attribute words a region caption of the shapes world is scored on
 ATTRS = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}
 
@@ -40,6 +45,12 @@ def scene_seed(scene_id):
     """A scene's integer seed (prompt paraphrases are drawn from it): the shapes world's own seed,
     or a stable hash of a file name."""
     return scene_id if isinstance(scene_id, int) else zlib.crc32(str(scene_id).encode())
+
+
+def box_text(box, H, W):
+    """A box as Qwen2-VL writes one: (x1,y1),(x2,y2) on a 0-1000 grid over the image, in box tokens."""
+    x1, y1, x2, y2 = (int(v * 1000 / d) for v, d in zip(box, (W, H, W, H)))
+    return f"{BOX_START}({x1},{y1}),({min(x2, 999)},{min(y2, 999)}){BOX_END}"
 
 
 def scene_samples(seed, scene, codes, tasks):
@@ -59,6 +70,16 @@ def scene_samples(seed, scene, codes, tasks):
             answer = "".join(codes_to_text(codes[i]) for i in targets) if targets else NO_TARGET
             out.append(dict(task="refer", kind=ref["kind"], seed=seed, phrase=ref["text"], targets=targets,
                             prompt=rng.choice(REFER_PROMPTS).format(ref["text"]), answer=answer))
+    if "ground" in tasks:
+        # phrase -> box in Qwen-VL's own text (what a released Qwen-VL is pretrained to answer, and
+        # a config-built one learns here): where the object is, in words the LM can share across
+        # objects, before the arbitrary ids of its mask words
+        H, W = scene["image"].shape[:2]
+        for ref in scene.get("refs", []):
+            targets = sorted(ref["targets"], key=lambda i: (centre[i, 0], centre[i, 1]))
+            answer = ", ".join(f"{REF_START}{ref['text']}{REF_END}{box_text(box[i], H, W)}" for i in targets)
+            out.append(dict(task="ground", seed=seed, phrase=ref["text"], targets=targets,
+                            prompt=rng.choice(GROUND_PROMPTS).format(ref["text"]), answer=answer or NO_TARGET))
     if "caption" in tasks:
         # region captioning turns the words around: the mask is in the prompt, the text is the answer
         for i, caption in enumerate(scene.get("captions", [])):
@@ -92,16 +113,21 @@ def absent_refs(seed, scene, n):
     return out
 
 
-def text_corpus(scenes):
+def text_corpus(scenes, tasks=("refer", "caption", "gcg")):
     """The text of the tasks (what the config-built BPE of tiny_vlm.py learns from): the world's
     phrases, captions, grounded texts and the prompt templates (mask words excluded: they are
     added to the vocabulary whole)."""
     fixed = ["system\n", "user\n", "assistant\n", NO_TARGET, *GCG_PROMPTS, *[p.format("") for p in CAPTION_PROMPTS]]
+    boxes = []
+    if "ground" in tasks:      # the grounding prompts and every referred object's box, as the answers write them
+        fixed += [p.format("") for p in GROUND_PROMPTS]
+        boxes = [box_text(s["boxes"][i], *s["image"].shape[:2]) for s in scenes for r in s.get("refs", []) for i in r["targets"]]
     texts = [p.format(r["text"]) for s in scenes for r in s.get("refs", []) for p in REFER_PROMPTS]
     # grounded phrases also stand alone (after <|object_ref_start|>, without their leading space)
     grounded = [s.get("grounded", {"text": "", "spans": []}) for s in scenes]
     phrases = [g["text"][a:b] for g in grounded for a, b, _ in g["spans"]]
-    return fixed * 50 + texts + phrases + [c for s in scenes for c in s.get("captions", [])] + [g["text"] for g in grounded]
+    captions = [c for s in scenes for c in s.get("captions", [])]
+    return fixed * 50 + texts + phrases + captions + [g["text"] for g in grounded] + boxes
 
 
 def conversations(samples, turns, seed):

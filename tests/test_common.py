@@ -365,3 +365,41 @@ def test_evaluate_placeholders_are_at_the_scenes_size(nonsquare, tok_ckpt, monke
         assert pred.shape == scene["image"].shape[:2] == scene["masks"].shape[1:]
     assert {scene["image"].shape[:2] for scene, *_ in rows} <= set(SIZES)
     assert os.path.exists(os.path.join(cfg["out_dir"], "g.png"))
+
+
+def test_right_object_is_the_best_overlapping_object(nonsquare, tok_ckpt, monkeypatch):
+    """refer_right_object: a single-target prompt is right when its prediction overlaps the target
+    best of the scene's objects (IoU > 0.3). A stand-in decoder paints object c1 of the scene for
+    code (c1, c2); the scripted answers name the target, another object, or nothing."""
+    from data import open_dataset
+    folder, model, processor, cfg = nonsquare
+    scenes = list(open_dataset(folder, split="test"))[:len(SIZES)]
+    mask_tok = load_tokenizer(tok_ckpt)
+
+    def decode(image, codes):
+        scene = next(s for s in scenes if s["image"].shape == image.shape and (s["image"] == image).all())
+        return scene["masks"][np.asarray(codes).reshape(-1, 2)[:, 0] % len(scene["masks"])]
+
+    expect = []
+
+    def scripted(model, processor, samples, images, max_new_tokens, batch):
+        out = []
+        for k, s in enumerate(samples):
+            if s["task"] != "refer" or len(s["targets"]) != 1:
+                out.append("No target.")
+                continue
+            t, n = s["targets"][0], len(scenes[s["img"]]["masks"])
+            choice = [t, (t + 1) % n, None][k % 3] if n > 1 else [t, None][k % 2]
+            out.append("No target." if choice is None else codes_to_text([[choice, 0]]))
+            area = scenes[s["img"]]["masks"][t].mean()
+            expect.append((choice == t, "tiny" if area < 0.012 else "big" if area > 0.1 else "medium"))
+        return out
+
+    monkeypatch.setattr(vlm, "generate", scripted)
+    monkeypatch.setattr(mask_tok, "decode", decode)
+    m = vlm.evaluate(model, processor, mask_tok, cfg, n=len(SIZES))
+    assert 0 < m["refer_right_object"] < 1
+    assert abs(m["refer_right_object"] - np.mean([r for r, _ in expect])) < 1e-12
+    for size in ("tiny", "medium", "big"):
+        want = [r for r, z in expect if z == size]
+        assert m[f"refer_right_object_{size}"] == (float(np.mean(want)) if want else None), size

@@ -433,3 +433,28 @@ def test_vision_pretraining_lowers_its_loss(world, tok_ckpt):
                              dict(cfg, vision_pretrain_steps=60, vision_pretrain_batch=6), log=log)
     assert len(losses) == 1 and losses[0] < 3.0       # starts near ln(9) + ln(7) + 1 ~ 5.1
     assert torch.equal(model.get_input_embeddings().weight, text_before)
+
+
+def test_grounding_answers_are_boxes_in_qwens_format():
+    """--tasks=...,ground: phrase -> <|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
+    on Qwen2-VL's 0-1000 grid, one box a target (in the referring order), "No target." for none;
+    the BPE corpus gets those texts only when the task is on."""
+    import re
+    from data import iter_scenes
+    from data.tasks import box_text, scene_samples, text_corpus
+    seeds_scenes = list(iter_scenes("train", 20))
+    seen = set()
+    for seed, s in seeds_scenes:
+        H, W = s["image"].shape[:2]
+        for x in scene_samples(seed, s, np.zeros((len(s["masks"]), 2), int), ("ground",)):
+            boxes = re.findall(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>", x["answer"])
+            assert len(boxes) == len(x["targets"]) and (boxes or x["answer"] == NO_TARGET)
+            for (x1, y1, x2, y2), i in zip(boxes, x["targets"]):
+                b = s["boxes"][i]
+                assert abs(int(x1) - b[0] * 1000 / W) < 1 and abs(int(y2) - min(b[3] * 1000 / H, 999)) < 1
+                assert x["phrase"] in x["answer"]
+            seen.add(len(boxes))
+    assert {0, 1} <= seen and max(seen) >= 2                   # no target, one, several
+    scenes = [s for _, s in seeds_scenes]
+    assert box_text(scenes[0]["boxes"][0], 128, 128) in text_corpus(scenes, ("refer", "ground"))
+    assert not any("<|box_start|>" in t for t in text_corpus(scenes))
