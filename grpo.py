@@ -56,7 +56,7 @@ DEFAULTS = dict(
     device="auto",              # auto | cpu | cuda
     seed=0,
     tokenizer_ckpt="out/tokenizer/ckpt.pt",   # Stage 1: the codes of the answers, and the iou reward's decoder
-    image_size=128,             # images are resized to image_size^2 px, as in Stage 2
+    image_size=128,             # images are resized to image_size^2 px, as in Stage 2 (0: native resolution)
     # prompts: the segmentation tasks of the train split of any data.open_dataset spec, as in Stage 2
     data="shapes",              # the synthetic world; or a jsonl folder, coco:..., refcoco:..., grefcoco:...
     n_train=500,                # scenes (shapes: ~9 referring prompts each)
@@ -92,7 +92,7 @@ DEFAULTS = dict(
 PRESETS = {
     "tiny": {},
     # paper: 16 rollouts per prompt (GCG); the rest is ours. 16 prompts x 16 = 256 completions a step.
-    "paper": dict(image_size=448, tasks="refer,gcg", num_generations=16, max_new_tokens=512, steps=1000,
+    "paper": dict(image_size=0, tasks="refer,gcg", num_generations=16, max_new_tokens=512, steps=1000,
                   batch_size=256, micro_batch=8, lr=1e-6, beta=0.04, min_lr_ratio=1.0, warmup_frac=0.0, beta2=0.999,
                   freeze_vision=True, fsdp=True, grad_checkpointing=True, log_every=1, ckpt_every=50, eval_n=500, eval_batch=32),
 }

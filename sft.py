@@ -64,7 +64,8 @@ DEFAULTS = dict(
     tie_embeddings=False,       # Qwen2.5-VL-3B ties the LM head to the input embeddings, 7B does not
     vocab_pad=64,               # config-built: embedding rows padded to a multiple (Qwen: 151,936)
     bpe_vocab=1000,             # BPE vocabulary (256 bytes + merges) learned on the world's text
-    image_size=128,             # images resized to image_size^2 px: (128/16)^2 / 2^2 = 16 visual tokens
+    image_size=128,             # images resized to image_size^2 px: (128/16)^2 / 2^2 = 16 visual tokens;
+                                # 0 (--base_model): the processor's native resolution, aspect ratio kept
     # Stage 1
     tokenizer_ckpt="out/tokenizer/ckpt.pt",
     # data: the synthetic shapes world by default, or any data.open_dataset spec (a jsonl folder,
@@ -97,7 +98,7 @@ DEFAULTS = dict(
 PRESETS = {
     "tiny": {},
     # global batch 256 = batch_size 4 x grad_accum 8 x 8 GPUs; AdamW lr 2e-5, cosine, bf16
-    "paper": dict(base_model="Qwen/Qwen2.5-VL-3B-Instruct", image_size=448, freeze_vision=True, fsdp=True, word_init="mean",
+    "paper": dict(base_model="Qwen/Qwen2.5-VL-3B-Instruct", image_size=0, freeze_vision=True, fsdp=True, word_init="mean",
                   grad_checkpointing=True, n_train=200_000, steps=20_000, batch_size=4, grad_accum=8,
                   lr=2e-5, min_lr_ratio=0.0, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
                   max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32),
@@ -175,6 +176,9 @@ def check_options(cfg):
     tasks = cfg["tasks"].split(",")
     if not tasks or not set(tasks) <= set(TASKS):
         raise UserError(f"--tasks takes a comma list of {', '.join(TASKS)}; got {cfg['tasks']!r}")
+    if not cfg["image_size"] and not cfg["base_model"]:
+        raise UserError("--image_size=0 (native resolution) is for a released Qwen-VL (--base_model); a config-built "
+                        "model reads a fixed square: pass --image_size=128")
     if cfg["word_init"] not in ("mean", "codebook"):
         raise UserError(f"--word_init takes mean or codebook, got {cfg['word_init']!r}")
     return tasks

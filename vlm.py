@@ -547,7 +547,8 @@ def scene_codes(mask_tok, cfg, split, scenes, shard=True):
 
 def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False, shard=True):
     """The first n scenes of a split of cfg["data"] (data.open_dataset: the shapes world by default)
-    -> (images (n, S, S, 3) uint8 at the VLM's input size S = cfg["image_size"], samples with
+    -> (images (n, S, S, 3) uint8 at the VLM's input size S = cfg["image_size"] (S = 0: a list of
+    the images at their own sizes), samples with
     their image index, scenes as (seed, scene), codes). extra_none: more no-target phrases a
     training scene (data.tasks.absent_refs). The masks are only kept for the test split (the
     evaluation decodes against them at each image's own size) or when asked (keep_masks)."""
@@ -563,8 +564,10 @@ def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False, s
         if split == "train" and extra_none and "refs" in s:
             s = dict(s, refs=s["refs"] + absent_refs(seed, s, extra_none))
         samples += [dict(x, img=k) for x in scene_samples(seed, s, c.long().numpy(), tasks)]
-    # every image is shown to the VLM at image_size^2 (the processor would resize it anyway)
-    images = np.stack([resize_image(s["image"], cfg["image_size"]) for _, s in scenes])
+    # every image is shown to the VLM at image_size^2 (the processor would resize it anyway), or
+    # (image_size 0: a released Qwen-VL's native resolution) as it is, each with its own token count
+    S = cfg["image_size"]
+    images = np.stack([resize_image(s["image"], S) for _, s in scenes]) if S else [s["image"] for _, s in scenes]
     if split == "train" and not keep_masks:
         scenes = [(seed, {k: v for k, v in s.items() if k != "masks"}) for seed, s in scenes]
     return images, samples, scenes, codes

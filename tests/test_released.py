@@ -284,3 +284,63 @@ def test_cpu_dtype_is_fp32_unless_it_does_not_fit(released, capsys):
     assert infer.cpu_dtype(folder, free=100 * size) == torch.float32 and capsys.readouterr().out == ""
     assert infer.cpu_dtype(folder, free=size) == torch.bfloat16
     assert "loading it in bf16" in capsys.readouterr().out
+
+
+def write_mixed_folder(folder, sizes=((178, 142), (96, 160), (120, 200))):
+    """A data/jsonl.py folder of shapes-world scenes padded to non-square sizes (H, W), named so
+    that three hash into the train split and two into the test split."""
+    from data.coco import split_of
+    from data.jsonl import rle_encode
+    from data.shapes import iter_scenes
+    from test_common import reshape_scene
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    names = {sp: [f"images/mix_{i}.png" for i in range(2000) if split_of(f"images/mix_{i}.png") == sp][:n]
+             for sp, n in (("train", 3), ("test", 2))}
+    scenes = iter_scenes("test", 200)
+    with open(os.path.join(folder, "annotations.jsonl"), "w") as f:
+        for k, name in enumerate(names["train"] + names["test"]):
+            H, W = sizes[k % len(sizes)]
+            for seed, scene in scenes:
+                if (got := reshape_scene(scene, H, W)) is not None:
+                    break
+            image, masks = got
+            Image.fromarray(image).save(os.path.join(folder, name))
+            record = {"image": name, "seed": seed, "masks": [rle_encode(m) for m in masks]}
+            record.update({k: scene[k] for k in ("objects", "refs", "captions", "grounded")})
+            f.write(json.dumps(record) + "\n")
+    return folder
+
+
+def test_sft_and_grpo_at_native_resolution_on_nonsquare_images(released, tok_ckpt, tmp_path, monkeypatch, capsys):
+    """--image_size=0 with a released model: the VLM reads each non-square image at its processor's
+    native resolution (its own count of visual tokens), Stage 2 trains and evaluates, Stage 3
+    continues from it, the masks scored at each image's own size. (The tiny tokenizer stands in
+    for the folder's 1024 px one, which costs seconds an image on a CPU.)"""
+    folder = released[0]
+    data = write_mixed_folder(str(tmp_path / "mixed"))
+    base = [f"--data={data}", "--image_size=0", "--n_train=3", "--steps=1", "--eval_n=2", "--eval_batch=4",
+            f"--tokenizer_ckpt={tok_ckpt}"]
+    monkeypatch.setattr(sys, "argv", ["sft.py", f"--base_model={folder}", f"--out_dir={tmp_path / 'sft'}", "--batch_size=4",
+                                      "--vision_pretrain_steps=0", "--lr=1e-7", *base])    # a step that keeps its answers
+    run(sft.main)
+    out = capsys.readouterr().out
+    assert "step     1/1" in out and "test: referring mIoU" in out
+    metrics = json.load(open(tmp_path / "sft" / "metrics.json"))
+    assert metrics["eval_scenes"] == 2 and 0 <= metrics["refer_miou"] <= 1
+    model, processor = vlm.load_pretrained(str(tmp_path / "sft" / "model"), dict(image_size=0))
+    images, samples, _, _ = vlm.load_world("train", 3, load_tokenizer(tok_ckpt), dict(sft.DEFAULTS, data=data, image_size=0,
+                                           out_dir=str(tmp_path / "sft")), ("refer",))
+    convs, _ = vlm.tokenize([[s] for s in samples], images, processor, 10 ** 9)
+    assert len({c["ids"].count(processor.image_token_id) for c in convs}) >= 2      # sizes with their own counts
+    monkeypatch.setattr(sys, "argv", ["grpo.py", f"--init_from={tmp_path / 'sft'}", f"--out_dir={tmp_path / 'grpo'}",
+                                      "--batch_size=8", "--micro_batch=8", "--max_new_tokens=160", "--temperature=0.05", *base])
+    run(grpo.main)
+    out = capsys.readouterr().out
+    assert "step    1/1" in out and json.load(open(tmp_path / "grpo" / "metrics.json"))["after"]["eval_scenes"] == 2
+
+
+def test_image_size_zero_needs_a_released_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sft.py", "--image_size=0", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as e:
+        run(sft.main)
+    assert e.value.code == 2 and "--image_size=0 (native resolution) is for a released Qwen-VL" in capsys.readouterr().err
