@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, atomic_save, iou, is_master, overlay, print0, progress, read_checkpoint, read_json,
-                    resize_image, write_json)
+from common import (UserError, atomic_save, autocast, iou, is_master, overlay, print0, progress, read_checkpoint,
+                    read_json, resize_image, write_json)
 from data.tasks import ATTRS, absent_refs, scene_samples, scene_seed
 from samtok import MASK_END, MASK_START, mask_tokens, released_files, text_to_codes
 
@@ -518,7 +518,6 @@ def scene_codes(mask_tok, cfg, split, scenes, shard=True):
     rank calls this): rank r encodes scenes r, r + world, ... on its own device (bf16 autocast on
     GPU), and the codes are all-gathered, so no rank waits for work it could share and nothing
     needs a shared filesystem. Whether the cache is there is agreed by all ranks first."""
-    from common import autocast
     seeds = [seed for seed, _ in scenes]
     precision = "bf16" if mask_tok.device.type == "cuda" else "fp32"
     key = hashlib.sha1(f"{file_hash(mask_tok.checkpoint)}|{cfg['data']}|{split}|{seeds}|{precision}".encode())
