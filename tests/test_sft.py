@@ -391,14 +391,15 @@ def test_final_evaluation_reports_metrics_a_dataset_cannot_give(tmp_path, monkey
     """A dataset without no-target phrases or captions (COCO, RefCOCO, a plain folder) has no N-acc
     and no caption score: vlm.evaluate says None, and the final report must still be written and printed."""
     metrics = dict(refer_miou=0.5, refer_ciou=0.4, tokenizer_ceiling_miou=0.8, nacc=None, exact_match=0.1,
-                   caption_attr_acc=None)
+                   caption_attr_acc=None, refer_right_object=0.6, refer_right_object_tiny=None, refer_right_object_big=0.7)
     monkeypatch.setattr(sft, "load_pretrained", lambda path, cfg: (torch.nn.Linear(2, 2), None))
     monkeypatch.setattr(sft, "evaluate", lambda *a, **k: dict(metrics))
     cfg = dict(sft.DEFAULTS, out_dir=str(tmp_path), preset="tiny")
     sft.final_evaluation(cfg, None, torch.device("cpu"), 0.01, 0, 1.0)
     saved = json.load(open(tmp_path / "metrics.json"))
     assert saved["nacc"] is None and saved["refer_miou_over_ceiling"] == pytest.approx(0.625)
-    assert "test: referring mIoU 0.5000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test: referring mIoU 0.5000" in out and "right object 0.600 (tiny -, big 0.700)" in out
 
 
 # ---------------------------------------------------------------- config-built model: word rows and vision pretraining
