@@ -541,7 +541,8 @@ def benchmark(cfg):
     if len(g) == len(BENCHMARKS["grefcoco"][1]):      # the paper's GRES row: the mean of the three splits
         results["grefcoco mean"] = {k: None if None in (v := [m[k] for m in g]) else float(np.mean(v))
                                     for k in ("giou", "ciou", "nacc")}
-    print0(tables(results, os.path.basename(os.path.normpath(ckpt))))
+    parts = os.path.normpath(ckpt).split(os.sep)      # a stage's folder is out/sft/model: name it sft/model
+    print0(tables(results, "/".join(parts[-2:] if parts[-1] == "model" and len(parts) > 1 else parts[-1:])))
     if is_master():
         write_json(os.path.join(cfg["out"], "benchmark.json"), dict(checkpoint=ckpt, tokenizer_ckpt=tok_path, results=results))
         print(f"-> {os.path.join(cfg['out'], 'benchmark.json')}")
