@@ -120,8 +120,6 @@ def mask_loss(logits, iou_pred, gt, cfg):
     per = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
     # SAM's answer to ambiguity: of the three outputs only one is trained, so the three can
     # specialise (part, object, group) instead of all averaging to one blur
-    if cfg["loss_on"] not in ("best", "chosen"):
-        raise UserError(f"--loss_on takes best or chosen, got {cfg['loss_on']!r}")
     pick = per.argmin(1) if cfg["loss_on"] == "best" else iou_pred.argmax(1)
     loss = per[torch.arange(len(per)), pick].mean()
     with torch.no_grad():
@@ -375,6 +373,8 @@ def resume(model, cfg, ckpt_path):
 # (quantizer.py), on every rank alike.
 def main():
     cfg = configure(DEFAULTS, PRESETS, doc=__doc__, required=PAPER_NEEDS)
+    if cfg["loss_on"] not in ("best", "chosen"):             # checked once, before anything is loaded
+        raise UserError(f"--loss_on takes best or chosen, got {cfg['loss_on']!r}")
     rank, world, device = init_distributed(cfg["device"])
     torch.manual_seed(cfg["seed"] + rank)
     gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank draws its own masks

@@ -728,4 +728,4 @@ def metrics_line(m):
     """The evaluation's headline figures on one line."""
     f = lambda x: "-" if x is None else f"{x:.4f}"
     return (f"referring mIoU {f(m['refer_miou'])} | cIoU {f(m['refer_ciou'])} | N-acc {f(m['nacc'])} "
-            f"| exact mask words {f(m['exact_match'])} | right object {f(m.get('refer_right_object'))}")
+            f"| exact mask words {f(m['exact_match'])} | right object {f(m['refer_right_object'])}")

@@ -59,12 +59,13 @@ def scene_samples(seed, scene, codes, tasks):
     rng = random.Random(seed)
     box = scene["boxes"]
     centre = (box[:, :2] + box[:, 2:]) / 2
+    # several targets are written in a fixed order, sorted by box centre (x, then y), so the
+    # answer is a function of the image, not of annotation order
+    in_order = lambda targets: sorted(targets, key=lambda i: (centre[i, 0], centre[i, 1]))
     out = []
     if "refer" in tasks:
         for ref in scene.get("refs", []):
-            # several targets are written in a fixed order, sorted by box centre (x, then y),
-            # so the answer is a function of the image, not of annotation order
-            targets = sorted(ref["targets"], key=lambda i: (centre[i, 0], centre[i, 1]))
+            targets = in_order(ref["targets"])
             # generalized referring (GRES): zero, one or many targets; "No target." is an answer
             # to learn like any other, and what N-acc measures
             answer = "".join(codes_to_text(codes[i]) for i in targets) if targets else NO_TARGET
@@ -76,7 +77,7 @@ def scene_samples(seed, scene, codes, tasks):
         # objects, before the arbitrary ids of its mask words
         H, W = scene["image"].shape[:2]
         for ref in scene.get("refs", []):
-            targets = sorted(ref["targets"], key=lambda i: (centre[i, 0], centre[i, 1]))
+            targets = in_order(ref["targets"])
             answer = ", ".join(f"{REF_START}{ref['text']}{REF_END}{box_text(box[i], H, W)}" for i in targets)
             out.append(dict(task="ground", seed=seed, phrase=ref["text"], targets=targets,
                             prompt=rng.choice(GROUND_PROMPTS).format(ref["text"]), answer=answer or NO_TARGET))

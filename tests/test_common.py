@@ -249,13 +249,13 @@ def reshape_scene(scene, H, W):
     return image, masks
 
 
-def write_nonsquare_folder(folder):
-    """A data/jsonl.py folder of shapes-world test scenes at the sizes of SIZES, named so that
-    they hash into its test split."""
+def write_nonsquare_folder(folder, names=None, sizes=SIZES):
+    """A data/jsonl.py folder of shapes-world test scenes padded to the sizes (H, W), one a name
+    (default: names that hash into its test split)."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    scenes = iter_scenes("test", 100)
+    scenes = iter_scenes("test", 200)
     with open(os.path.join(folder, "annotations.jsonl"), "w") as f:
-        for name, (H, W) in zip(nonsquare_names(len(SIZES)), SIZES):
+        for name, (H, W) in zip(names or nonsquare_names(len(sizes)), sizes):
             for seed, scene in scenes:
                 if (got := reshape_scene(scene, H, W)) is not None:
                     break

@@ -290,25 +290,10 @@ def write_mixed_folder(folder, sizes=((178, 142), (96, 160), (120, 200))):
     """A data/jsonl.py folder of shapes-world scenes padded to non-square sizes (H, W), named so
     that three hash into the train split and two into the test split."""
     from data.coco import split_of
-    from data.jsonl import rle_encode
-    from data.shapes import iter_scenes
-    from test_common import reshape_scene
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    names = {sp: [f"images/mix_{i}.png" for i in range(2000) if split_of(f"images/mix_{i}.png") == sp][:n]
-             for sp, n in (("train", 3), ("test", 2))}
-    scenes = iter_scenes("test", 200)
-    with open(os.path.join(folder, "annotations.jsonl"), "w") as f:
-        for k, name in enumerate(names["train"] + names["test"]):
-            H, W = sizes[k % len(sizes)]
-            for seed, scene in scenes:
-                if (got := reshape_scene(scene, H, W)) is not None:
-                    break
-            image, masks = got
-            Image.fromarray(image).save(os.path.join(folder, name))
-            record = {"image": name, "seed": seed, "masks": [rle_encode(m) for m in masks]}
-            record.update({k: scene[k] for k in ("objects", "refs", "captions", "grounded")})
-            f.write(json.dumps(record) + "\n")
-    return folder
+    from test_common import write_nonsquare_folder
+    names = [f"images/mix_{i}.png" for sp, n in (("train", 3), ("test", 2))
+             for i in [i for i in range(2000) if split_of(f"images/mix_{i}.png") == sp][:n]]
+    return write_nonsquare_folder(folder, names, [sizes[k % len(sizes)] for k in range(len(names))])
 
 
 def test_sft_and_grpo_at_native_resolution_on_nonsquare_images(released, tok_ckpt, tmp_path, monkeypatch, capsys):

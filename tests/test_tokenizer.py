@@ -207,6 +207,8 @@ def test_script_bad_input(tmp_path):
     assert r.returncode == 2 and "unknown option --no_such_option" in r.stderr and "Traceback" not in r.stderr
     r = run_script(["--steps=abc"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_script(["--loss_on=worst"], tmp_path)
+    assert r.returncode == 2 and "--loss_on takes best or chosen" in r.stderr and "Traceback" not in r.stderr
     r = run_script(RUN + ["--data=" + str(tmp_path / "nowhere"), f"--out_dir={tmp_path / 'o'}"], tmp_path)
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
     r = run_script(RUN + [f"--out_dir={tmp_path / 'o2'}", "--resume=true"], tmp_path)
