@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from common import (UserError, adamw, atomic_save, autocast, configure, init_distributed, iou, is_master, lr_at, overlay,
                     print0, progress, random_states, read_checkpoint, restore_random, run, set_lr, stop_early,
                     write_json)
-from data.masks import MaskSet, load_split
+from data.masks import MaskBatches, MaskSet, data_spec, load_split, mask_sets
+from data.stream import Position, Stream, loader, resume_state
 from samtok import SAMTok, load_sam2_checkpoint
 
 # ----------------------------------------------------------------------------- config
@@ -59,8 +60,10 @@ DEFAULTS = dict(
     levels=2, codebook_size=256,
     # data
     data="shapes",              # data.open_dataset spec: shapes | FOLDER (jsonl) | coco:JSON:IMAGES | sa1b:FOLDER | ...
-    n_train=4000, n_val=100, n_test=500,   # scenes (shapes) / samples (folder)
-    cache_features=True,        # frozen image encoder: compute its features once, reuse them
+    n_train=4000, n_val=100, n_test=500,   # scenes (in memory) / the first n items of the reader (streamed)
+    stream="auto",              # auto: the shapes world in memory, any --data on disk streamed (data/stream.py) | true | false
+    num_workers=2, pool_batches=16,   # streamed: reader processes; batches are cut from pools of this many batches
+    cache_features=True,        # in memory: the frozen image encoder's features computed once, reused
     # SAM2 pretraining with box prompts (only without --sam2_ckpt)
     pretrain_steps=500, pretrain_batch=16, pretrain_lr=1e-3,   # batches count images
     pretrain_dense_box=0.5,     # fraction of pretraining boxes also drawn as a dense mask prompt
@@ -87,7 +90,7 @@ PRESETS = {
     "tiny": {},
     # the paper's global batch of 1,024 masks: 16 images x 8 masks a GPU x 8 GPUs
     "paper": dict(sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml", sam2_overrides="",
-                  image_size=1024, d_model=256, mlp_dim=2048, cache_features=False,
+                  image_size=1024, d_model=256, mlp_dim=2048, cache_features=False, num_workers=6,
                   pretrain_steps=0, steps=129_000, batch_size=16, masks_per_image=8, lr=4e-5, unquantized_steps=0,
                   kmeans_samples=16384, dead_threshold=1.0, loss_res=0, train_prompt_encoder=False,
                   train_iou_head=False, loss_on="chosen", mask_threshold=0.5, eval_every=5000, ckpt_every=2000,
@@ -176,6 +179,11 @@ def evaluate(model, ms, cfg, batch=64, level1=False, return_preds=False, boxes=F
     return np.concatenate(ious), torch.cat(codes_all), (torch.cat(preds) if return_preds else None)
 
 
+def val_miou(model, cfg, boxes=False):
+    """The mIoU of evaluate() over the val split, read a chunk of scenes at a time."""
+    return float(np.concatenate([evaluate(model, ms, cfg, boxes=boxes)[0] for ms in mask_sets(cfg, "val")]).mean())
+
+
 def save_grid(path, ms, preds, preds_l1, n_scenes=8):
     """A PNG: per test scene, the image, the input masks, the 2-code and the level-1 rebuilds."""
     # what a reader should look at: the level-1 column is the coarse word alone, the 2-code column
@@ -212,7 +220,7 @@ class BoxPrompted(nn.Module):
         return self.model.box_logits(embed, hires, boxes, dense_box)
 
 
-def pretrain_sam2(model, train_ms, val_ms, cfg, gen, wrap, device):
+def pretrain_sam2(model, draw, cfg, gen, wrap, device):
     """SAM2's image encoder, prompt encoder and mask decoder learn box prompt -> mask."""
     # the same loss as the tokenizer's (BCE + Dice on the best of 3, the IoU head's MSE), so the
     # decoder the tokenizer inherits already speaks the loss it will be trained with
@@ -227,15 +235,14 @@ def pretrain_sam2(model, train_ms, val_ms, cfg, gen, wrap, device):
     net, steps, t0 = wrap(BoxPrompted(model)), cfg["pretrain_steps"], time.time()
     for i in range(steps):
         lr = set_lr(opt, lr_at(i, steps, cfg["pretrain_lr"], cfg["warmup_frac"]))
-        scenes, idx, img_idx = train_ms.sample(cfg["pretrain_batch"], cfg["masks_per_image"], gen)
-        x = model.preprocess(train_ms.images[scenes.numpy()])
-        box = train_ms.boxes[idx]
+        b = draw(cfg["pretrain_batch"])
+        x, box, img_idx = model.preprocess(b["images"]), b["boxes"], b["img_idx"]
         wh = (box[:, 2:] - box[:, :2]).repeat(1, 2)
         box = box + 0.05 * wh * torch.randn(box.shape, generator=gen)  # SAM's box jitter
         with autocast(device):
-            dense_box = torch.rand(len(idx), generator=gen) < cfg["pretrain_dense_box"]
+            dense_box = torch.rand(len(box), generator=gen) < cfg["pretrain_dense_box"]
             logits, iou_pred = net(x, box.to(device), img_idx.to(device), dense_box.to(device))
-            loss, tr_iou = mask_loss(logits.float(), iou_pred, train_ms.masks[idx].to(device), cfg)
+            loss, tr_iou = mask_loss(logits.float(), iou_pred, b["masks"].to(device), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
@@ -243,12 +250,12 @@ def pretrain_sam2(model, train_ms, val_ms, cfg, gen, wrap, device):
         if i % cfg["log_every"] == 0 or i == steps - 1:
             dt = (time.time() - t0) / (i + 1)
             print0(f"sam2 pretrain {i:5d} | loss {loss.item():.4f} | iou {tr_iou.item():.3f} | lr {lr:.2e} "
-                   f"| {dt * 1000:.0f} ms/step | {len(idx) / dt:.0f} masks/s")
+                   f"| {dt * 1000:.0f} ms/step | {len(box) / dt:.0f} masks/s")
     if is_master():
-        print(f"sam2 pretrain val | box-prompt mIoU (corner points only) {evaluate(model, val_ms, cfg, boxes=True)[0].mean():.4f}")
+        print(f"sam2 pretrain val | box-prompt mIoU (corner points only) {val_miou(model, cfg, boxes=True):.4f}")
 
 
-def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
+def sam2_weights(model, cfg, resumed, draw, gen, wrap, device):
     """Phase 1, the SAM2 weights: from the resumed checkpoint, an official SAM2.1 file, a saved
     pretraining of the same settings, or pretrained here (then saved for reuse)."""
     path = os.path.join(cfg["out_dir"], "sam2_pretrained.pt")
@@ -263,7 +270,7 @@ def sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device):
         model.load_state_dict(saved["model"], strict=False)
         print0(f"reusing the pretrained SAM2 in {path}")
     elif cfg["pretrain_steps"] > 0:
-        pretrain_sam2(model, train_ms, val_ms, cfg, gen, wrap, device)
+        pretrain_sam2(model, draw, cfg, gen, wrap, device)
         if is_master():
             sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("mask_encoder", "query", "rvq"))}
             atomic_save({"stage": "sam2", "meta": meta, "model": sd}, path)
@@ -295,34 +302,34 @@ def freeze_for_tokenizer(model, cfg):
 
 
 def feature_source(model, ms, cfg, device):
-    """scene indices -> the frozen encoder's FPN features. With cache_features they are computed
-    once (fp16) for every training image: the frozen encoder gives the same features every epoch."""
+    """batch -> the frozen encoder's FPN features. With cache_features and the data in memory (ms)
+    they are computed once (fp16) for every training image: the frozen encoder gives the same
+    features every epoch; streamed, every batch's images go through the encoder."""
     # the cache is exact because nothing varies an image between epochs (no augmentation): the
     # tiny preset's 4,000 images take a few seconds once instead of the encoder's forward every step
     def encode(images):                 # uint8 (n, S, S, 3) -> the 3 FPN levels, no gradient
         with torch.no_grad(), autocast(device):
             return model.image_features(model.preprocess(images))
-    if not cfg["cache_features"]:    # the paper preset: millions of 1024 px images, every step anew
-        return lambda sc: [f.float() for f in encode(ms.images[sc.numpy()])]
+    if ms is None or not cfg["cache_features"]:    # the paper preset: millions of 1024 px images
+        return lambda b: [f.float() for f in encode(b["images"])]
     t0, starts = time.time(), range(0, len(ms.images), 64)
     chunks = [[f.half() for f in encode(ms.images[i:i + 64])] for i in progress(starts, "caching image features")]
     cache = [torch.cat([c[level] for c in chunks]) for level in range(3)]
     print0(f"cached image features: {sum(c.numel() * 2 for c in cache) / 2 ** 20:.0f} MB in {time.time() - t0:.1f} s")
-    return lambda sc: [c[sc].to(device).float() for c in cache]
+    return lambda b: [c[b["scenes"]].to(device).float() for c in cache]
 
 
 @torch.no_grad()
-def kmeans_codebooks(model, train_ms, cfg, features, gen, device):
+def kmeans_codebooks(model, draw, cfg, features, device):
     """Data-driven codebooks: k-means on latents of the warmed-up encoder, residual per level."""
     # Random codebooks would leave most codes far from every latent, never chosen, restarted again
     # and again; k-means on latents the warmed-up encoder really produces puts level 1 where they
     # are, and level 2 (on the residuals z - e1) where level 1 errs.
     zs = []
     while sum(map(len, zs)) < cfg["kmeans_samples"]:
-        scenes, idx, img_idx = train_ms.sample(64, cfg["masks_per_image"], gen)
-        embed, _ = model.image_embeddings(features(scenes))
-        zs.append(model.encode_latent(embed[img_idx], train_ms.prompts[idx].to(device),
-                                      train_ms.boxes[idx].to(device)).float())
+        b = draw(64)
+        embed, _ = model.image_embeddings(features(b))
+        zs.append(model.encode_latent(embed[b["img_idx"]], b["prompts"].to(device), b["boxes"].to(device)).float())
     model.rvq.init_codebooks(torch.cat(zs))
     return len(torch.cat(zs))
 
@@ -332,27 +339,53 @@ def test(model, cfg, train_seconds):
     codebook usage and perplexity, throughput; writes metrics.json and recon.png."""
     # by area, as the paper reports it: tiny masks (< 0.5 % of the image) are the weak point of a
     # 2-word code, and of SAM2's decoder resolution (docs/LOG.md has the ideal-logit reference)
-    out, test_ms = cfg["out_dir"], MaskSet(load_split(cfg, "test"), cfg["image_size"])
-    t0 = time.time()
-    ious, codes, preds = evaluate(model, test_ms, cfg, return_preds=True)
-    masks_per_s = len(test_ms) / (time.time() - t0)
-    ious1, _, preds1 = evaluate(model, test_ms, cfg, level1=True, return_preds=True)
+    out, ious, ious1, codes, area, seconds, grid = cfg["out_dir"], [], [], [], [], 0.0, None
+    for ms in mask_sets(cfg, "test"):           # a chunk of scenes at a time, whatever the split's size
+        t0 = time.time()
+        i, c, preds = evaluate(model, ms, cfg, return_preds=grid is None)
+        seconds += time.time() - t0
+        i1, _, preds1 = evaluate(model, ms, cfg, level1=True, return_preds=grid is None)
+        grid = grid or (ms, preds, preds1)      # the picture shows the first chunk's scenes
+        ious, ious1, codes, area = ious + [i], ious1 + [i1], codes + [c], area + [ms.area.numpy()]
+    ious, ious1, codes, area = np.concatenate(ious), np.concatenate(ious1), torch.cat(codes), np.concatenate(area)
+    masks_per_s = len(ious) / seconds
     counts = torch.stack([torch.bincount(codes[:, l], minlength=cfg["codebook_size"]) for l in range(cfg["levels"])]).float()
-    health, area = model.rvq.health(counts), test_ms.area.numpy()
+    health = model.rvq.health(counts)
     by_area = {name: float(ious[(area >= lo) & (area < hi)].mean()) if ((area >= lo) & (area < hi)).any() else None
                for lo, hi, name in AREA_BUCKETS}
     metrics = {"recon_miou": float(ious.mean()), "recon_miou_level1": float(ious1.mean()), "recon_miou_by_area": by_area,
                "usage": health["usage"], "perplexity": health["perplexity"], "masks_per_s": masks_per_s,
-               "train_seconds": train_seconds, "test_masks": len(test_ms), "preset": cfg["preset"]}
+               "train_seconds": train_seconds, "test_masks": len(ious), "preset": cfg["preset"]}
     write_json(os.path.join(out, "metrics.json"), metrics)
-    save_grid(os.path.join(out, "recon.png"), test_ms, preds, preds1)
+    save_grid(os.path.join(out, "recon.png"), *grid)
     print(f"test: recon mIoU {metrics['recon_miou']:.4f} (level 1 only {metrics['recon_miou_level1']:.4f}) "
-          f"on {len(test_ms)} masks | by area " + ", ".join(f"{k} {v:.3f}" for k, v in by_area.items() if v is not None))
+          f"on {len(ious)} masks | by area " + ", ".join(f"{k} {v:.3f}" for k, v in by_area.items() if v is not None))
     print(f"test: usage {health['usage']} | perplexity {[round(p, 1) for p in health['perplexity']]} | {masks_per_s:.0f} "
           f"masks/s | trained in {train_seconds:.0f} s\nwrote {out}/ckpt.pt, {out}/metrics.json, {out}/recon.png")
 
 
 # ----------------------------------------------------------------------------- main
+def training_data(cfg, rank, world, gen, device, resumed):
+    """Where the training batches come from: -> (draw(n) -> a batch dict (MaskSet.gather's keys),
+    the split in memory or None, the stream's Position or None). In memory (stream=false, and the
+    default shapes world under auto): the split as one MaskSet, n random images a draw, with the
+    feature cache. Streamed (any --data on disk under auto: the paper's path): data/stream.py's
+    shards over ranks and workers, batch_size images a draw, nothing kept that grows with the data."""
+    if not (cfg["stream"] == "true" or (cfg["stream"] == "auto" and cfg["data"] != "shapes")):
+        train_ms = MaskSet(load_split(cfg, "train"), cfg["image_size"])
+        print0(f"data: in memory, {len(train_ms.images)} train images / {len(train_ms)} masks")
+        return (lambda n: train_ms.gather(*train_ms.sample(n, cfg["masks_per_image"], gen))), train_ms, None
+    spec, cap = data_spec(cfg)
+    workers, B = cfg["num_workers"], cfg["batch_size"]
+    state = resume_state(resumed.get("stream") if resumed else None, world * max(workers, 1))
+    stream = Stream(spec, "train", MaskBatches(B, cfg["image_size"], cfg["masks_per_image"]), cfg["pool_batches"] * B,
+                    cfg["seed"], rank, world, state, limit=cfg["n_train"], max_masks=cap)
+    position, batches = Position(state), loader(stream, workers, device)
+    print0(f"data: streamed from {cfg['data']} by {max(workers, 1)} reader{'s' * (workers > 1)} a rank, pools of "
+           f"{cfg['pool_batches'] * B} images; the image features are computed every step")
+    return (lambda n: position.consumed(next(batches))), None, position
+
+
 def resume(model, cfg, ckpt_path):
     """--resume: the weights of out_dir/ckpt.pt; -> the checkpoint (step, optimizer state)."""
     # The codebooks and their EMA state are buffers of the model, so they resume with the weights;
@@ -380,17 +413,16 @@ def main():
     gen = torch.Generator().manual_seed(cfg["seed"] + rank)  # each rank draws its own masks
     t_start, ckpt_path = time.time(), os.path.join(cfg["out_dir"], "ckpt.pt")
     print0("config:", cfg)
-    train_ms, val_ms = (MaskSet(load_split(cfg, split), cfg["image_size"]) for split in ("train", "val"))
-    print0(f"data: {len(train_ms.images)} train images / {len(train_ms)} masks, {len(val_ms)} val masks")
     model = SAMTok(cfg).to(device)
     resumed = resume(model, cfg, ckpt_path) if cfg["resume"] else None
+    draw, train_ms, position = training_data(cfg, rank, world, gen, device, resumed)          # phase 0
     step = resumed["step"] if resumed else 0
     print0(f"global batch: {cfg['batch_size'] * cfg['grad_accum'] * world} images a step, "
            f"{'all' if not cfg['masks_per_image'] else cfg['masks_per_image']} masks an image")
     # DDP when torchrun started us; parameters unused in a phase are allowed
     wrap = lambda m: m if world == 1 else torch.nn.parallel.DistributedDataParallel(
         m, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    sam2_weights(model, cfg, resumed, train_ms, val_ms, gen, wrap, device)                  # phase 1
+    sam2_weights(model, cfg, resumed, draw, gen, wrap, device)                              # phase 1
     params = freeze_for_tokenizer(model, cfg)
     opt = adamw(params, cfg["lr"], cfg["weight_decay"], cfg["beta2"])
     if resumed is not None and "optimizer" in resumed:
@@ -404,18 +436,18 @@ def main():
     model.rvq.reset_window()
     while step < steps:
         if step == cfg["unquantized_steps"] and not bool(model.rvq.initialized):
-            n = kmeans_codebooks(model, train_ms, cfg, features, gen, device)
+            n = kmeans_codebooks(model, draw, cfg, features, device)
             print0(f"step {step}: codebooks initialised by k-means on {n} latents")
         quantize = step >= cfg["unquantized_steps"]         # the warm-up trains through z itself
         # determine and set the learning rate for this step
         lr = set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup_frac"]))
         # forward backward update, with gradient accumulation
         for micro in range(A):
-            scenes, idx, img_idx = train_ms.sample(B, cfg["masks_per_image"], gen)
+            b = draw(B)
             with amp:
-                logits, iou_pred, commit, codes = net(features(scenes), train_ms.prompts[idx].to(device),
-                                                      train_ms.boxes[idx].to(device), img_idx.to(device), quantize)
-                loss, tr_iou = mask_loss(logits.float(), iou_pred, train_ms.masks[idx].to(device), cfg)
+                logits, iou_pred, commit, codes = net(features(b), b["prompts"].to(device), b["boxes"].to(device),
+                                                      b["img_idx"].to(device), quantize)
+                loss, tr_iou = mask_loss(logits.float(), iou_pred, b["masks"].to(device), cfg)
                 loss = (loss + commit) / A
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
@@ -427,17 +459,18 @@ def main():
             dt, h = (time.time() - t0) / run_steps, model.rvq.health()
             print(f"step {step:5d} {'quant' if quantize else 'latent':6s} | loss {loss.item() * A:.4f} | commit "
                   f"{commit.item():.4f} | iou {tr_iou.item():.3f} | usage {'/'.join(f'{u:.0%}' for u in h['usage'])} "
-                  f"| lr {lr:.2e} | {dt * 1000:.0f} ms/step | {len(idx) * A * world / dt:.0f} masks/s")
+                  f"| lr {lr:.2e} | {dt * 1000:.0f} ms/step | {len(b['masks']) * A * world / dt:.0f} masks/s")
             model.rvq.reset_window()
         # evaluate on the val split and write checkpoints
         if rank == 0 and cfg["eval_every"] and step % cfg["eval_every"] == 0 and step < steps:
-            print(f"step {step:5d} val | recon mIoU {evaluate(model, val_ms, cfg)[0].mean():.4f}"
+            print(f"step {step:5d} val | recon mIoU {val_miou(model, cfg):.4f}"
                   + ("" if quantize else " (unquantized)"))
         if step % cfg["ckpt_every"] == 0 or step == steps:
             rng = random_states(gen, world, device)            # every rank's, gathered on all of them
+            at = position.gathered() if position else None     # where every shard of the stream stands
             if rank == 0:
                 atomic_save({"stage": "tokenizer", "config": cfg, "model": model.state_dict(),
-                             "optimizer": opt.state_dict(), "step": step, "rng": rng}, ckpt_path)
+                             "optimizer": opt.state_dict(), "step": step, "rng": rng, "stream": at}, ckpt_path)
                 write_json(os.path.join(cfg["out_dir"], "config.json"), cfg)  # the effective config, beside it
         # termination conditions
         if stop_early(cfg, run_steps, step, steps):

@@ -7,7 +7,7 @@ all behind one door:
     for scene in open_dataset("coco:annotations/instances_val2017.json:val2017", split=None):
         scene["image"], scene["masks"], scene["refs"], ...
 
-open_dataset(spec, skipped=None, split=None, max_masks=0) -> iterator of scene dicts, read one
+open_dataset(spec, skipped=None, split=None, max_masks=0, take=None) -> iterator of scene dicts, read one
 image at a time. spec is one of
 
     shapes | shapes:SIZE                          the synthetic world (128 px unless SIZE)
@@ -34,6 +34,10 @@ decided before the image is read (a jsonl folder is filtered after reading). max
 at most that many masks per image in the COCO-family and SA-1B readers (the referred ones
 always, the others at random, seeded by the image): an SA-1B image has ~100.
 
+take: a callable asked once per item, in the reader's order, before the item is read (a jsonl
+line before it is parsed; the others after their split filter); False passes over the item
+unread. data.stream shards a split over ranks and workers with it.
+
 skipped: a collections.Counter that receives one count per skipped item and reason (missing or
 corrupt image, bad mask, polygon with < 3 points, mask outside the image, unknown image id,
 ...); each reader also prints a summary with an example of each to stderr. What cannot be read
@@ -54,13 +58,15 @@ def __getattr__(name):
     raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
-def open_dataset(spec, skipped=None, split=None, max_masks=0):
+def open_dataset(spec, skipped=None, split=None, max_masks=0, take=None):
     """The one way in to every dataset format; see the module docstring."""
     import os
     from collections import Counter
     from common import UserError
     skipped = Counter() if skipped is None else skipped
     if "," in spec:         # a mixture: every part is opened (and checked) now, read in turn
+        if take is not None:
+            raise ValueError("take is per part: open the parts of a mixture one by one (data.stream does)")
         return _interleave([open_dataset(part, skipped, split, max_masks) for part in spec.split(",")])
     kind, _, rest = spec.partition(":")
     args = rest.split(":") if rest else []
@@ -82,25 +88,24 @@ def open_dataset(spec, skipped=None, split=None, max_masks=0):
         if split not in (None, *SPLITS):
             raise UserError(f"the shapes world has splits {', '.join(SPLITS)}, not {split!r}")
         lo, hi = SPLITS[split or "train"]
-        return (dict(make_scene(seed, int(size)), id=seed) for seed in range(lo, hi))
+        return (dict(make_scene(seed, int(size)), id=seed) for seed in range(lo, hi) if take is None or take())
     if kind == "jsonl":
-        from data.coco import check_split, split_of
+        from data.coco import check_split
         from data.jsonl import read_folder
         check_split(split)
         try:
-            scenes = read_folder(args[0], skipped)
+            return read_folder(args[0], skipped, split, take)
         except FileNotFoundError as e:
             raise UserError(str(e))
-        return (s for s in scenes if split is None or split_of(s["id"]) == split)
     if kind == "coco":
         from data.coco import read_coco
-        return read_coco(*args, skipped=skipped, split=split, max_masks=max_masks)
+        return read_coco(*args, skipped=skipped, split=split, max_masks=max_masks, take=take)
     if kind == "sa1b":
         from data.sa1b import read_sa1b
-        return read_sa1b(*args, skipped=skipped, split=split, max_masks=max_masks)
+        return read_sa1b(*args, skipped=skipped, split=split, max_masks=max_masks, take=take)
     from data.refcoco import read_grefcoco, read_refcoco
     reader = read_grefcoco if kind == "grefcoco" else read_refcoco
-    return reader(*args, skipped=skipped, split=split, max_masks=max_masks)
+    return reader(*args, skipped=skipped, split=split, max_masks=max_masks, take=take)
 
 
 def _interleave(iterators):

@@ -320,7 +320,7 @@ def load_instances(path, skips):
     return images, anns, cats
 
 
-def read_coco(instances, image_dir, skipped=None, split=None, max_masks=0):
+def read_coco(instances, image_dir, skipped=None, split=None, max_masks=0, take=None):
     """Iterate the scenes of a COCO instances file, one per image with at least one usable
     mask. The files are checked right away (UserError); see the module docstring."""
     check_split(split)
@@ -328,14 +328,16 @@ def read_coco(instances, image_dir, skipped=None, split=None, max_masks=0):
     check_dir(image_dir, "COCO image folder")
     skips = Skips(f"coco({instances})", skipped)
     images, anns, cats = load_instances(instances, skips)
-    return _iter_coco(images, anns, cats, image_dir, skips, split, max_masks)
+    return _iter_coco(images, anns, cats, image_dir, skips, split, max_masks, take)
 
 
-def _iter_coco(images, anns, cats, image_dir, skips, split, max_masks):
+def _iter_coco(images, anns, cats, image_dir, skips, split, max_masks, take):
     try:
         for iid, im in images.items():
             if split and split_of(im["file_name"]) != split:
                 continue                                # decided before anything is read
+            if take is not None and not take():
+                continue
             group = anns.get(iid)
             if not group:
                 skips.add("no_annotations", im["file_name"])

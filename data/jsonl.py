@@ -103,12 +103,14 @@ def load_rgb(path):
         return np.asarray(img.convert("RGB"), np.uint8)
 
 
-def read_folder(folder, skipped=None):
+def read_folder(folder, skipped=None, split=None, take=None):
     """Iterate scene dicts (same keys as data.shapes.make_scene, plus "id") from a folder.
 
     `skipped` (a collections.Counter, optional) receives one count per skipped item and
     reason; a summary line goes to stderr at the end whenever anything was skipped.
     The folder and its annotations.jsonl are checked right away (FileNotFoundError).
+    split: only the lines whose image name hashes to it (data.coco.split_of), decided before
+    the image is read; take: see data.open_dataset (asked per line, before it is parsed).
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"dataset folder {folder!r} does not exist "
@@ -117,15 +119,17 @@ def read_folder(folder, skipped=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} not found: a dataset folder needs annotations.jsonl, "
                                 f"one JSON object per line with at least 'image' and 'masks'")
-    return _iter_folder(folder, path, Counter() if skipped is None else skipped)
+    return _iter_folder(folder, path, Counter() if skipped is None else skipped, split, take)
 
 
-def _iter_folder(folder, path, skipped):
+def _iter_folder(folder, path, skipped, split, take):
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue                           # blank lines are harmless, not errors
-            scene = _read_record(folder, line, skipped)
+            if take is not None and not take():
+                continue                           # another shard's line: not even parsed
+            scene = _read_record(folder, line, skipped, split)
             if scene is not None:
                 yield scene
     if skipped:
@@ -133,8 +137,9 @@ def _iter_folder(folder, path, skipped):
         print(f"read_folder({folder}): skipped {details}", file=sys.stderr)
 
 
-def _read_record(folder, line, skipped):
-    """One jsonl line -> scene dict, or None (with the reason counted in `skipped`)."""
+def _read_record(folder, line, skipped, split=None):
+    """One jsonl line -> scene dict, or None (with the reason counted in `skipped`, unless the
+    line belongs to another split)."""
     try:
         rec = json.loads(line)
         image_rel, rles = rec["image"], list(rec["masks"])
@@ -142,6 +147,10 @@ def _read_record(folder, line, skipped):
     except (ValueError, KeyError, TypeError, AssertionError):
         skipped["malformed_line"] += 1
         return None
+    if split is not None:
+        from data.coco import split_of
+        if split_of(image_rel) != split:
+            return None
     image_path = os.path.join(folder, image_rel)
     if not os.path.isfile(image_path):
         skipped["missing_image"] += 1

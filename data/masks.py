@@ -20,19 +20,38 @@ from data import open_dataset
 from samtok import boxes_of
 
 
-def load_split(cfg, split):
-    """The first n scenes of a split of --data, as a list of scene dicts (image (H, W, 3) uint8,
-    masks (N, H, W), ...) read through data.open_dataset (see data/__init__.py). Formats
-    without splits of their own are split 90/5/5 by a hash of the image name."""
+def data_spec(cfg):
+    """--data as data.open_dataset reads it: the shapes world drawn at the model's resolution (up to
+    512 px); enough masks an image for masks_per_image draws, far fewer than SA-1B's ~100."""
+    spec = f"shapes:{min(cfg['image_size'], 512)}" if cfg["data"] == "shapes" else cfg["data"]
+    return spec, cfg["masks_per_image"] * 4
+
+
+def split_scenes(cfg, split):
+    """The first n scenes of a split of --data (n = n_train / n_val / n_test), one at a time, read
+    through data.open_dataset (see data/__init__.py). Formats without splits of their own are
+    split 90/5/5 by a hash of the image name."""
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
-    spec = cfg["data"]
-    if spec == "shapes":    # the world drawn at the model's resolution (up to 512 px)
-        spec = f"shapes:{min(cfg['image_size'], 512)}"
-    cap = cfg["masks_per_image"] * 4    # enough for masks_per_image draws, far fewer than SA-1B's ~100
-    scenes = list(islice(open_dataset(spec, Counter(), split=split, max_masks=cap), n))
+    spec, cap = data_spec(cfg)
+    return islice(open_dataset(spec, Counter(), split=split, max_masks=cap), n)
+
+
+def load_split(cfg, split):
+    """split_scenes as a list (in memory: the tiny preset's shapes world)."""
+    scenes = list(split_scenes(cfg, split))
     if not scenes:
         raise UserError(f"{cfg['data']} has no usable samples for the {split} split")
     return scenes
+
+
+def mask_sets(cfg, split, chunk=32):
+    """split_scenes as MaskSets of up to `chunk` scenes: an evaluation holds one chunk at a time."""
+    scenes, any_ = split_scenes(cfg, split), False
+    while part := list(islice(scenes, chunk)):
+        any_ = True
+        yield MaskSet(part, cfg["image_size"])
+    if not any_:
+        raise UserError(f"{cfg['data']} has no usable samples for the {split} split")
 
 
 class MaskSet:
@@ -68,5 +87,31 @@ class MaskSet:
         pos = torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(idx)])
         return scenes, torch.cat(idx), pos
 
+    def gather(self, scenes, idx, pos):
+        """The batch of sample(): the images (n, S, S, 3) uint8 and, per mask, its target, prompt,
+        box and image position; scenes (the indices in this set) for a feature cache."""
+        return dict(scenes=scenes, images=torch.from_numpy(self.images[scenes.numpy()]), masks=self.masks[idx],
+                    prompts=self.prompts[idx], boxes=self.boxes[idx], img_idx=pos)
+
     def __len__(self):
         return len(self.masks)
+
+
+class MaskBatches:
+    """data.stream's make_batches for Stage 1: a pool of scenes -> batches of n images in a
+    random order, each with all (or `cap` random ones) of its masks, at S x S; runs in the
+    DataLoader workers, so decoding and resizing stay off the training process."""
+
+    def __init__(self, n, S, cap):
+        self.n, self.S, self.cap = n, S, cap
+
+    def __call__(self, scenes, rng):
+        order, out = rng.permutation(len(scenes)), []
+        for a in range(0, len(order), self.n):
+            ms = MaskSet([scenes[i] for i in order[a:a + self.n]], self.S)
+            idx = [torch.arange(ms.start[s], ms.start[s + 1]) for s in range(len(ms.images))]
+            if self.cap:
+                idx = [ix[torch.from_numpy(rng.permutation(len(ix))[:self.cap])] for ix in idx]
+            pos = torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(idx)])
+            out.append(ms.gather(torch.arange(len(ms.images)), torch.cat(idx), pos))
+        return out

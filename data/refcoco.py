@@ -77,25 +77,25 @@ def _in_split(ref_split, split):
     return split is None or ref_split == split or (split == "test" and ref_split.startswith("test"))
 
 
-def read_refcoco(refs_path, instances, image_dir, skipped=None, split=None, max_masks=0):
+def read_refcoco(refs_path, instances, image_dir, skipped=None, split=None, max_masks=0, take=None):
     """RefCOCO / RefCOCO+ / RefCOCOg: refs pickle + COCO instances + image folder -> scenes."""
     check_file(instances, "COCO instances file")
     check_dir(image_dir, "COCO image folder")
     refs = load_refs_pickle(refs_path)
-    return _read_referring(refs, refs_path, instances, image_dir, skipped, split, max_masks, grefs=False)
+    return _read_referring(refs, refs_path, instances, image_dir, skipped, split, max_masks, grefs=False, take=take)
 
 
-def read_grefcoco(grefs_path, instances, image_dir, skipped=None, split=None, max_masks=0):
+def read_grefcoco(grefs_path, instances, image_dir, skipped=None, split=None, max_masks=0, take=None):
     """gRefCOCO: grefs JSON (multi-target and no-target expressions) + instances + images -> scenes."""
     check_file(instances, "COCO instances file")
     check_dir(image_dir, "COCO image folder")
     refs = load_json(grefs_path, "gRefCOCO refs file")
     if not isinstance(refs, list):
         raise UserError(f"{grefs_path} is not a gRefCOCO refs file: it holds a {type(refs).__name__}, not a list")
-    return _read_referring(refs, grefs_path, instances, image_dir, skipped, split, max_masks, grefs=True)
+    return _read_referring(refs, grefs_path, instances, image_dir, skipped, split, max_masks, grefs=True, take=take)
 
 
-def _read_referring(refs, refs_path, instances, image_dir, skipped, split, max_masks, grefs):
+def _read_referring(refs, refs_path, instances, image_dir, skipped, split, max_masks, grefs, take=None):
     skips = Skips(f"{'grefcoco' if grefs else 'refcoco'}({refs_path})", skipped)
     images, anns, cats = load_instances(instances, skips)
     # the expressions of each image, in file order (the annotation index is already in memory)
@@ -115,12 +115,14 @@ def _read_referring(refs, refs_path, instances, image_dir, skipped, split, max_m
             skips.add(e.reason, where)
             continue
         by_image[image_id].append((ann_ids, no_target, sents, ref_split, ref_id, where))
-    return _iter_referring(by_image, images, anns, cats, image_dir, skips, max_masks)
+    return _iter_referring(by_image, images, anns, cats, image_dir, skips, max_masks, take)
 
 
-def _iter_referring(by_image, images, anns, cats, image_dir, skips, max_masks):
+def _iter_referring(by_image, images, anns, cats, image_dir, skips, max_masks, take):
     try:
         for image_id, group in by_image.items():
+            if take is not None and not take():
+                continue
             im = images[image_id]
             referred = {a for ann_ids, *_ in group for a in ann_ids}
             try:

@@ -28,12 +28,12 @@ import os
 from data.coco import Skip, Skips, annotated_image, check_dir, check_split, pick, scene_dict, split_of
 
 
-def read_sa1b(folder, skipped=None, split=None, max_masks=0):
+def read_sa1b(folder, skipped=None, split=None, max_masks=0, take=None):
     """Iterate the scenes of an SA-1B folder: its JSON files in name order, then those of its
     subfolders (sa_000000/, sa_000001/, ... as the tars unpack), each listed when reached."""
     check_split(split)
     check_dir(folder, "SA-1B folder")
-    return _iter_sa1b(folder, Skips(f"sa1b({folder})", skipped), split, max_masks)
+    return _iter_sa1b(folder, Skips(f"sa1b({folder})", skipped), split, max_masks, take)
 
 
 def _json_files(folder):
@@ -43,10 +43,12 @@ def _json_files(folder):
         yield from ((sub, n) for n in sorted(x.name for x in os.scandir(sub) if x.name.endswith(".json") and x.is_file()))
 
 
-def _iter_sa1b(root, skips, split, max_masks):
+def _iter_sa1b(root, skips, split, max_masks, take):
     try:
         for folder, name in _json_files(root):
             if split and split_of(name) != split:
+                continue
+            if take is not None and not take():
                 continue
             try:
                 try:

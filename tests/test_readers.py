@@ -362,7 +362,7 @@ def test_tokenizer_trains_on_coco(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *args], cwd=tmp_path, capture_output=True,
                        text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert r.returncode == 0, r.stderr
-    assert "data: 8 train images" in r.stdout and "test: recon mIoU" in r.stdout
+    assert "data: streamed from coco:" in r.stdout and "test: recon mIoU" in r.stdout
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), f"--data=coco:{tmp_path / 'no.json'}:x"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no.json not found" in bad.stderr and "Traceback" not in bad.stderr

@@ -213,3 +213,28 @@ def test_script_bad_input(tmp_path):
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
     r = run_script(RUN + [f"--out_dir={tmp_path / 'o2'}", "--resume=true"], tmp_path)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_streamed_folder_of_nonsquare_images_resumes_bit_for_bit(tmp_path):
+    """--data=FOLDER streams (data/stream.py, 2 reader processes): JPEG-free PNGs of four sizes,
+    an interruption and a resume give the weights of the uninterrupted run, bit for bit."""
+    from test_common import nonsquare_names, write_nonsquare_folder
+    from data.coco import split_of
+    names = [n for n in (f"images/ns_{i}.png" for i in range(200)) if split_of(n) != "test"][:22]
+    folder = write_nonsquare_folder(str(tmp_path / "data"), names + nonsquare_names(2),
+                                    [(178, 142), (96, 160), (120, 200), (150, 130)] * 6)
+    args = RUN + [f"--data={folder}", "--n_train=0", "--pool_batches=2", "--masks_per_image=2", "--steps=8"]
+    out = str(tmp_path / "tok")
+    r = run_script(args + [f"--out_dir={out}", "--stop_after=5"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "data: streamed from" in r.stdout and "stopping after 5 steps" in r.stdout
+    r = run_script(args + [f"--out_dir={out}", "--resume=true"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step 4" in r.stdout and os.path.exists(os.path.join(out, "recon.png"))
+    assert json.load(open(os.path.join(out, "metrics.json")))["test_masks"] > 0
+    r = run_script(args + [f"--out_dir={tmp_path / 'whole'}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    whole = torch.load(os.path.join(tmp_path / "whole", "ckpt.pt"), weights_only=True)
+    resumed = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert whole["stream"] == resumed["stream"] and len(whole["stream"]) == 2     # one position a reader
+    assert [k for k in whole["model"] if not torch.equal(whole["model"][k], resumed["model"][k])] == []

@@ -1,0 +1,194 @@
+"""
+Training data as a stream: read from disk as it is needed, never held whole in memory.
+
+On the paper's path a split does not fit in RAM (SA-1B: 11M images; the SFT mixtures: 200k
+scenes at their own sizes), so every stage draws its batches from a torch.utils.data
+IterableDataset that reads its dataset (data.open_dataset) as it goes:
+
+  sharding   item k of a reader goes to shard (k + epoch) % n, n = ranks x DataLoader workers,
+             decided BEFORE the item is read (the readers' take()), so each rank and worker
+             decodes only its own images, and every item is seen once an epoch across all of
+             them; the shift by the epoch mixes which items meet in a batch from one epoch to
+             the next.
+  pools      each shard cuts its items into pools of `pool` consecutive items (a rolling buffer;
+             the first pool of an epoch is shorter by a random offset) and hands each pool to
+             make_batches(items, rng): the stage shuffles, sorts by length (bucketing) and
+             cuts the pool into batches there, inside the worker, images decoded and resized.
+  mixtures   "A,B" specs: each part has its own shards and pools; pool p of A, then pool p of
+             B, ..., so the parts stay interleaved through an epoch.
+  position   every batch says where it stands: at = (shard, epoch, pool, batches of the pool
+             done). The trainer keeps the last `at` of every shard it consumed (Position);
+             a resumed stream skips what came before by counting items, without reading them,
+             re-reads only the pool it stopped in, and goes on with the same batches.
+
+An epoch in which a shard gets no item at all (fewer items than shards) yields {"empty": True}
+so the trainer can say so in one line (loader() does).
+"""
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from common import UserError, print0
+
+
+class Exhausted(Exception):
+    """Raised by Take past its limit: the reader stops there (the end of the epoch)."""
+
+
+class Take:
+    """A reader's take(): called once per item, in the reader's order, before the item is read;
+    True for this shard's items (k + epoch) % n == shard whose local number k // n >= start.
+    local: the local number of the last item taken. limit > 0: only items k < limit exist."""
+
+    def __init__(self, shard, n, epoch=0, start=0, limit=0):
+        self.shard, self.n, self.epoch, self.start, self.limit = shard, n, epoch, start, limit
+        self.k, self.local = -1, None
+
+    def __call__(self):
+        self.k += 1
+        if self.limit and self.k >= self.limit:
+            raise Exhausted
+        if (self.k + self.epoch) % self.n != self.shard:
+            return False
+        self.local = self.k // self.n
+        return self.local >= self.start
+
+
+class Stream(IterableDataset):
+    """Endless batches of a split of --data (see the module docstring). make_batches(items, rng)
+    -> list of batches (dicts); items are scene dicts with "key" (an int unique in the split:
+    the item's number in its reader, times the parts, plus its part) added. state: a
+    Position.state of a previous run. limit: the first `limit` items of each part (0: all)."""
+
+    def __init__(self, spec, split, make_batches, pool, seed, rank=0, world=1, state=None, limit=0, max_masks=0):
+        self.parts, self.split, self.make_batches, self.pool = spec.split(","), split, make_batches, pool
+        self.seed, self.rank, self.world, self.state = seed, rank, world, dict(state or {})
+        self.limit, self.max_masks = limit, max_masks
+        from data import open_dataset
+        for part in self.parts:         # what cannot be read at all: one line now, not in a worker
+            open_dataset(part, Counter(), split, max_masks, take=lambda: False)
+
+    def shard(self):
+        """(this worker's shard, the number of shards)."""
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * nw + w, self.world * nw
+
+    def _pools(self, part, shard, n, epoch, start_pool):
+        """(pool, items) of one part for this shard and epoch, from pool start_pool on."""
+        from data import open_dataset
+        P, parts = self.pool, len(self.parts)
+        off = int(np.random.default_rng([self.seed, epoch, part]).integers(P))
+        take = Take(shard, n, epoch, start=max(0, start_pool * P - off), limit=self.limit)
+        it, pool, items = open_dataset(self.parts[part], Counter(), self.split, self.max_masks, take=take), None, []
+        while True:
+            try:
+                scene = next(it)
+            except (StopIteration, Exhausted):
+                break
+            p = (take.local + off) // P
+            if p != pool and items:
+                yield pool, items
+                items = []
+            pool = p
+            items.append(dict(scene, key=take.k * parts + part))      # take.k: the item's number in its reader
+        if items:
+            yield pool, items
+
+    def __iter__(self):
+        shard, n = self.shard()
+        epoch, pool0, part0, done0 = self.state.get(shard, (0, 0, 0, 0, 0))[:4]
+        while True:
+            # one epoch: the parts' pools merged by pool number, part by part within a pool
+            its = [self._pools(i, shard, n, epoch, pool0 + (i < part0)) for i in range(len(self.parts))]
+            heads, any_item = [next(it, None) for it in its], False
+            while any(h is not None for h in heads):
+                p = min(h[0] for h in heads if h is not None)
+                for i, h in enumerate(heads):
+                    if h is None or h[0] != p:
+                        continue
+                    any_item = True
+                    rng = np.random.default_rng([self.seed, epoch, shard, p, i])
+                    for b, batch in enumerate(self.make_batches(h[1], rng)):
+                        if b < done0 and (p, i) == (pool0, part0):
+                            continue                       # consumed before the resume
+                        yield dict(batch, at=(shard, epoch, p, i, b + 1))
+                    heads[i] = next(its[i], None)
+            if not any_item:
+                yield {"empty": True}
+                return
+            epoch, pool0, part0, done0 = epoch + 1, 0, 0, 0
+
+
+class Position:
+    """What the trainer has consumed of a Stream, shard by shard: state = {shard: (epoch, pool,
+    part, batches done, the rank's count of batches consumed so far)}, saved in the checkpoint
+    and given back to Stream(state=...) and loader(state=...)."""
+
+    def __init__(self, state=None):
+        self.state = dict(state or {})
+        self.n = max((at[4] for at in self.state.values()), default=0)
+
+    def consumed(self, batch):
+        shard, *at = batch["at"]
+        self.n += 1
+        self.state[shard] = (*at, self.n)
+        return batch
+
+    def gathered(self):
+        """Every rank's state merged (a collective under torchrun: call it on every rank)."""
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            return dict(self.state)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self.state)
+        return {k: v for p in parts for k, v in p.items()}
+
+
+def loader(stream, workers, device, prefetch=2):
+    """The DataLoader over a Stream: `workers` processes read, decode and batch (0: in this
+    process), batches pinned for the copy to a GPU; iterating it yields the batches, and
+    raises UserError when a shard's epoch is empty. The DataLoader takes its workers' batches in
+    turn from worker 0; a resumed run goes on from the worker after the last one consumed, so
+    the batches come in the order of the run that was interrupted."""
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                                     prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                                     generator=torch.Generator())   # its own: the trainer's random draws stay as they were
+    mine = {s: at for s, at in stream.state.items() if s // max(workers, 1) == stream.rank}
+    first = (max(mine, key=lambda s: mine[s][4]) + 1) % max(workers, 1) if mine else 0
+    try:
+        for batch in _rotated(dl, first, max(workers, 1)):
+            if "empty" in batch:
+                shards = stream.world * max(workers, 1)
+                raise UserError(f"--data={','.join(stream.parts)}: a shard of the {stream.split} split got no item in "
+                                f"an epoch ({shards} shards = ranks x workers): use fewer --num_workers or more data")
+            yield batch
+    except UserError as e:          # a worker's: torch re-raises it with the worker's traceback in the text
+        raise UserError(str(e).strip().splitlines()[-1].removeprefix("common.UserError: ")) from None
+
+
+def _rotated(batches, first, n):
+    """The DataLoader's turns w0, w1, ..., w(n-1), w0, ... -> the same turns from worker `first` on:
+    the batches of workers before it wait (at most first of them) until the turn's last one."""
+    held = []
+    for b in batches:
+        w = b["at"][0] % n if "at" in b else n - 1
+        if w < first:
+            held.append(b)
+            continue
+        yield b
+        if w == n - 1:
+            yield from held
+            held = []
+
+
+def resume_state(state, n_shards):
+    """A saved Position.state for a run with n_shards shards; another count of shards cannot
+    continue the same streams, so it starts them again (with a line saying so)."""
+    if state and set(state) != set(range(n_shards)):
+        print0(f"the data stream was saved for {len(state)} shards (ranks x workers), this run has {n_shards}: "
+              "it starts from the beginning of the data")
+        return {}
+    return state or {}
