@@ -47,8 +47,9 @@ from common import (UserError, adamw, autocast, cleanup, configure, init_distrib
                     run, set_lr, stop_early, write_json)
 from data.tasks import conversations, text_corpus
 from samtok import codes_to_text, load_tokenizer, mask_tokens
-from vlm import (collate, evaluate, load_pretrained, load_world, micro_batches, parallelize, resume_dir, save_checkpoint,
-                 set_trainable, tokenize, tokenizer_of, vision_tower, visual_tokens)
+from data.stream import Position, Stream, loader, resume_state, streamed
+from vlm import (ConversationBatches, codes_table, collate, evaluate, load_pretrained, load_world, micro_batches, parallelize,
+                 resume_dir, save_checkpoint, set_trainable, tokenize, tokenizer_of, vision_tower, visual_tokens)
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -71,7 +72,10 @@ DEFAULTS = dict(
     # data: the synthetic shapes world by default, or any data.open_dataset spec (a jsonl folder,
     # coco:..., refcoco:..., grefcoco:..., sa1b:...; comma-joined for a mixture)
     data="shapes",
-    n_train=3000,               # scenes; every scene gives ~13 samples over the tasks
+    n_train=3000,               # the first n scenes of the split; every scene gives ~13 samples over the tasks
+    stream="auto",              # auto: the shapes world in memory, any --data on disk streamed (data/stream.py) | true | false
+    num_workers=2, pool_scenes=64,   # streamed: reader processes a rank; conversations are bucketed in pools of these scenes
+    built_scenes=64,            # streamed, config-built model: the first scenes its BPE and its tower's pretraining read
     tasks="refer,caption,gcg",
     extra_none=2,               # shapes world: this many more no-target phrases per training scene
     turns=4,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
@@ -101,7 +105,7 @@ PRESETS = {
     "paper": dict(base_model="Qwen/Qwen2.5-VL-3B-Instruct", image_size=0, freeze_vision=True, fsdp=True, word_init="mean",
                   grad_checkpointing=True, n_train=200_000, steps=20_000, batch_size=4, grad_accum=8,
                   lr=2e-5, min_lr_ratio=0.0, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
-                  max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32),
+                  max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32, num_workers=6, pool_scenes=256),
 }
 PAPER_NEEDS = {"paper": dict(data="the data to train on, e.g. --data='refcoco:...,grefcoco:...' (--data=shapes: the toy world)")}
 TASKS = ("refer", "caption", "gcg", "ground")
@@ -190,11 +194,16 @@ def setup(cfg, mask_tok, tasks, model_dir):
     samples with their mask words, the VLM and its processor (resumed from model_dir, a released
     base model, or built from the config), the vocabulary surgery, and the tokenized
     conversations. Returns model, processor, images, conversations, the 512 code words' ids,
-    the resumed train state (or None), how many conversations max_len dropped."""
-    built = not cfg["resume"] and not cfg["base_model"]
-    # every rank encodes its share of the masks (vlm.scene_codes), or all read them from the cache
-    images, samples, scenes, codes = load_world("train", cfg["n_train"], mask_tok, cfg, tasks, cfg["extra_none"],
-                                                keep_masks=built and cfg["vision_pretrain_steps"] > 0)
+    the resumed train state (or None), how many conversations max_len dropped, the codes table.
+    Streamed (data.stream.streamed), only the codes pass runs here over the whole split (images
+    and conversations are None: the workers make them as they go), and a config-built model's
+    BPE and tower pretraining read the first built_scenes scenes alone."""
+    built, stream = not cfg["resume"] and not cfg["base_model"], streamed(cfg)
+    # every rank encodes its share of the masks (vlm.codes_table), or all read them from the cache
+    table = codes_table(mask_tok, cfg, "train", cfg["n_train"])
+    images, samples, scenes, codes = (None, None, None, None) if stream and not built else load_world(
+        "train", cfg["built_scenes"] if stream else cfg["n_train"], mask_tok, cfg, tasks, cfg["extra_none"],
+        keep_masks=built and cfg["vision_pretrain_steps"] > 0, table=table)
     state = None
     if cfg["resume"]:
         src, state = resume_dir(model_dir)
@@ -212,6 +221,10 @@ def setup(cfg, mask_tok, tasks, model_dir):
             tiny_vlm.init_words_from_codebook(model, word_ids, codebook)
         if cfg["vision_pretrain_steps"]:
             tiny_vlm.pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=print0)
+    if stream:
+        print0(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+               f"vocabulary {len(processor.tokenizer)} | data: {len(table['keys'])} train scenes, streamed")
+        return model, processor, None, None, word_ids, state, 0, table
     convs, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"]), images, processor, cfg["max_len"])
     count = {t: sum(x["task"] == t for c in convs for x in c["turns"]) for t in tasks}
     print0(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -219,14 +232,16 @@ def setup(cfg, mask_tok, tasks, model_dir):
            f"of {count}, {dropped} dropped as longer than max_len={cfg['max_len']}")
     if not convs:
         raise UserError("no training samples left (is max_len too small?)")
-    return model, processor, images, convs, word_ids, state, dropped
+    return model, processor, images, convs, word_ids, state, dropped, table
 
 
-def prepare_training(model, processor, images, convs, cfg, world, device, state):
+def prepare_training(model, processor, images, convs, cfg, rank, world, device, state, table, tasks):
     """What trains (the paper: the projector + LLM; the tiny preset's pretrained tower stays
-    frozen, merger included), the frozen tower's tokens computed once, DDP / FSDP2, AdamW
-    (its state restored on resume), and the stream of length-bucketed micro-batches (positioned
-    after what a resumed run already trained on). -> (net, opt, params, visual tokens or None, stream)."""
+    frozen, merger included), the frozen tower's tokens computed once (in memory), DDP / FSDP2,
+    AdamW (its state restored on resume), and draw(): this rank's micro-batches of the next step,
+    length-bucketed, positioned after what a resumed run already trained on: from the
+    conversations in memory, or streamed (ConversationBatches in data.stream's workers).
+    -> (net, opt, params, draw, the stream's Position or None)."""
     cfg["tower_frozen"] = not cfg["base_model"] and cfg["vision_pretrain_steps"] > 0
     set_trainable(model, cfg)
     if cfg["grad_checkpointing"]:
@@ -234,7 +249,7 @@ def prepare_training(model, processor, images, convs, cfg, world, device, state)
     model.config.use_cache = False
     model.to(device)
     # a frozen tower (merger included) gives a fixed function of the image: run it once, not every step
-    visual = None if any(p.requires_grad for p in vision_tower(model).parameters()) else \
+    visual = None if convs is None or any(p.requires_grad for p in vision_tower(model).parameters()) else \
         visual_tokens(model, processor, images, device)
     net = parallelize(model, cfg, world, device)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -245,18 +260,32 @@ def prepare_training(model, processor, images, convs, cfg, world, device, state)
     step, accum = state["step"] if state else 0, cfg["grad_accum"]
     print0(f"global batch: {cfg['batch_size'] * accum * world} conversations a step"
            + (f"; resuming from step {step}" if step else ""))
+    if convs is None:               # streamed: each rank reads its own shards
+        at = resume_state(state.get("stream") if state else None, world * max(cfg["num_workers"], 1))
+        stream = Stream(cfg["data"], "train", ConversationBatches(table, processor, cfg, tasks), cfg["pool_scenes"],
+                        cfg["seed"], rank, world, at, limit=cfg["n_train"])
+        position, batches = Position(at), loader(stream, cfg["num_workers"], device)
+        return net, opt, params, lambda: [position.consumed(next(batches)) for _ in range(accum)], position
+    # in memory: every rank walks the same stream of micro-batches and takes its share (micro-batch
+    # j of a step goes to rank j % world), so a step's global batch is the same set of conversations
+    # on 1 process with grad_accum=a*N as on N processes with a each
     stream = micro_batches([len(c["ids"]) for c in convs], cfg["batch_size"], cfg["seed"], cfg["bucket_pool"],
                            skip=step * accum * world)
-    return net, opt, params, visual, stream
+
+    def draw():
+        mbs = [[convs[j] for j in next(stream)] for _ in range(accum * world)][rank::world]
+        return [dict(zip(("batch", "labels"), collate(mb, images, processor, visual=visual)),
+                     n_tok=sum(sum(c["in_loss"]) for c in mb), dropped=0) for mb in mbs]
+    return net, opt, params, draw, None
 
 
 def encode_only(cfg, mask_tok, tasks):
     """--encode_only=true: the codes pass alone, so a dataset is encoded once before any training
     (sharded over torchrun's ranks, on their devices): the masks of the n_train train scenes and
-    of the eval_n test scenes, into the cache that sft.py and grpo.py read (vlm.scene_codes)."""
-    load_world("train", cfg["n_train"], mask_tok, cfg, tasks, cfg["extra_none"])
+    of the eval_n test scenes, into the cache that sft.py and grpo.py read (vlm.codes_table)."""
+    codes_table(mask_tok, cfg, "train", cfg["n_train"])
     if cfg["eval_n"]:
-        load_world("test", cfg["eval_n"], mask_tok, cfg, ("refer", "caption"))
+        codes_table(mask_tok, cfg, "test", cfg["eval_n"])
     cleanup()
 
 
@@ -292,12 +321,11 @@ def main():
     mask_tok = load_tokenizer(tokenizer_of(cfg, cfg["base_model"], DEFAULTS["tokenizer_ckpt"]), device)  # mask -> words
     if cfg["encode_only"]:          # the codes pass alone: the words of every train and test mask, cached
         return encode_only(cfg, mask_tok, tasks)
-    model, processor, images, convs, word_ids, state, dropped = setup(cfg, mask_tok, tasks, model_dir)
-    net, opt, params, visual, stream = prepare_training(model, processor, images, convs, cfg, world, device, state)
+    model, processor, images, convs, word_ids, state, dropped, table = setup(cfg, mask_tok, tasks, model_dir)
+    net, opt, params, draw, position = prepare_training(model, processor, images, convs, cfg, rank, world, device, state,
+                                                        table, tasks)
 
-    # ---- the loop: every rank walks the same stream of micro-batches and takes its share
-    # (micro-batch j of a step goes to rank j % world), so a step's global batch is the same
-    # set of conversations on 1 process with grad_accum=a*N as on N processes with a each
+    # ---- the loop: each step, this rank's grad_accum micro-batches of the global batch (draw)
     accum, steps, step = cfg["grad_accum"], cfg["steps"], state["step"] if state else 0
     n_params, word_ids, amp = sum(p.numel() for p in model.parameters()), word_ids.to(device), autocast(device)
     pad = torch.zeros(2, dtype=torch.float64, device=device)            # padding tokens, all tokens
@@ -308,14 +336,16 @@ def main():
         lr = set_lr(opt, lr_at(step, steps, cfg["lr"], cfg["warmup_frac"], cfg["min_lr_ratio"]))
         # forward backward update, with gradient accumulation over this rank's micro-batches. The
         # loss of a step is the mean over every assistant token of the GLOBAL batch: each rank knows
-        # the whole group, so it counts them without communication; DDP / FSDP average gradients
-        # over ranks, hence the factor world below.
-        group = [next(stream) for _ in range(accum * world)]
-        n_tok = sum(sum(convs[j]["in_loss"]) for mb in group for j in mb)
+        # the ranks sum their counts; DDP / FSDP average gradients over ranks, hence the factor
+        # world below.
+        group = draw()
+        n_tok = torch.tensor(float(sum(b["n_tok"] for b in group)), device=device)
+        if world > 1:
+            dist.all_reduce(n_tok)
+        dropped += sum(b["dropped"] for b in group)
         totals = torch.zeros(3, device=device)            # summed loss, mask-word hits, mask words
-        for micro, mb in enumerate(group[rank::world]):
-            batch, labels = collate([convs[j] for j in mb], images, processor, visual=visual)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for micro, b in enumerate(group):
+            batch, labels = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b["batch"].items()}, b["labels"]
             pad += torch.tensor([(batch["attention_mask"] == 0).sum(), batch["attention_mask"].numel()], device=device)
             tokens_window += int(batch["attention_mask"].sum())
             # DDP all-reduces gradients on the last micro-batch only. FSDP2 reduce-scatters every
@@ -333,7 +363,7 @@ def main():
         # timing and logging: loss, mask-word accuracy, ms/step, tokens/s (MFU on GPU)
         if world > 1:
             dist.all_reduce(totals)
-        loss_window.append(totals[0].item() / n_tok)
+        loss_window.append(totals[0].item() / n_tok.item())
         word_window += totals[1:].cpu()
         if step % cfg["log_every"] == 0 or step == steps or step == 1:
             dt, tok_s = (time.time() - t0) / run_steps, tokens_window * world / (time.time() - t0)
@@ -345,7 +375,7 @@ def main():
             loss_window, word_window = [], torch.zeros(2)
         # checkpoint and termination conditions
         if step % cfg["ckpt_every"] == 0 or step == steps:
-            save_checkpoint(net, opt, processor, cfg, step, model_dir)
+            save_checkpoint(net, opt, processor, cfg, step, model_dir, stream=position.gathered() if position else None)
         if stop_early(cfg, run_steps, step, steps):
             return
     if world > 1:

@@ -40,7 +40,7 @@ from common import (UserError, adamw, atomic_save, autocast, configure, init_dis
                     print0, progress, random_states, read_checkpoint, restore_random, run, set_lr, stop_early,
                     write_json)
 from data.masks import MaskBatches, MaskSet, data_spec, load_split, mask_sets
-from data.stream import Position, Stream, loader, resume_state
+from data.stream import Position, Stream, loader, resume_state, streamed
 from samtok import SAMTok, load_sam2_checkpoint
 
 # ----------------------------------------------------------------------------- config
@@ -371,7 +371,7 @@ def training_data(cfg, rank, world, gen, device, resumed):
     default shapes world under auto): the split as one MaskSet, n random images a draw, with the
     feature cache. Streamed (any --data on disk under auto: the paper's path): data/stream.py's
     shards over ranks and workers, batch_size images a draw, nothing kept that grows with the data."""
-    if not (cfg["stream"] == "true" or (cfg["stream"] == "auto" and cfg["data"] != "shapes")):
+    if not streamed(cfg):
         train_ms = MaskSet(load_split(cfg, "train"), cfg["image_size"])
         print0(f"data: in memory, {len(train_ms.images)} train images / {len(train_ms)} masks")
         return (lambda n: train_ms.gather(*train_ms.sample(n, cfg["masks_per_image"], gen))), train_ms, None

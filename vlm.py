@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from common import (UserError, atomic_save, autocast, iou, is_master, overlay, print0, progress, read_checkpoint,
                     read_json, resize_image, write_json)
-from data.tasks import ATTRS, absent_refs, scene_samples, scene_seed
+from data.tasks import ATTRS, absent_refs, conversations, scene_samples, scene_seed
 from samtok import MASK_END, MASK_START, mask_tokens, released_files, text_to_codes
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")   # a reply ends at Qwen's end of turn (or end of text)
@@ -464,9 +464,10 @@ def stage_config(folder):
     return stage
 
 
-def save_checkpoint(model, opt, processor, cfg, step, path):
-    """save_pretrained (model + processor) + optimizer state, into path.tmp, then swapped in:
-    a crash mid-save leaves the previous checkpoint whole (or path.old, which --resume finds)."""
+def save_checkpoint(model, opt, processor, cfg, step, path, stream=None):
+    """save_pretrained (model + processor) + optimizer state (+ a data stream's position), into
+    path.tmp, then swapped in: a crash mid-save leaves the previous checkpoint whole (or
+    path.old, which --resume finds)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     # full, unsharded tensors gathered on rank 0 (a collective under FSDP: every rank calls it)
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -475,7 +476,7 @@ def save_checkpoint(model, opt, processor, cfg, step, path):
         shutil.rmtree(tmp, ignore_errors=True)
         unwrap(model).save_pretrained(tmp, state_dict=msd)
         processor.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": osd, "config": cfg}, os.path.join(tmp, "train_state.pt"))
+        torch.save({"step": step, "optimizer": osd, "config": cfg, "stream": stream}, os.path.join(tmp, "train_state.pt"))
         write_json(os.path.join(tmp, STAGE_CONFIG), cfg)
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
@@ -509,18 +510,21 @@ def file_hash(path):
     return h.hexdigest()
 
 
-def scene_codes(mask_tok, cfg, split, scenes, shard=True):
-    """The tokenizer's codes of every mask of (seed, scene) pairs, cached on disk in codes/ beside
-    out_dir (out/codes: sft.py and grpo.py share it), under a key made of the tokenizer
-    checkpoint's content hash, the data spec, the split, the seeds and the precision, so a new
-    tokenizer never reuses stale words. Encoding is the heavy one-off work of Stages 2-3 (SAM2's
-    image encoder over every training image), so under torchrun it is sharded (shard=True, every
-    rank calls this): rank r encodes scenes r, r + world, ... on its own device (bf16 autocast on
-    GPU), and the codes are all-gathered, so no rank waits for work it could share and nothing
-    needs a shared filesystem. Whether the cache is there is agreed by all ranks first."""
-    seeds = [seed for seed, _ in scenes]
+def codes_table(mask_tok, cfg, split, n, shard=True):
+    """The codes pass: the tokenizer's codes of every mask of the first n items of a split of
+    cfg["data"], as one table {keys (S,) sorted, start (S + 1,), codes (M, levels) int16}: scene
+    `keys[i]` (data.stream's item key) has the masks' codes codes[start[i]:start[i + 1]] (codes_of).
+    Cached on disk in codes/ beside out_dir (out/codes: sft.py and grpo.py share it), under a key
+    made of the tokenizer checkpoint's content hash, the data spec, the split, n and the precision,
+    so a new tokenizer never reuses stale words. Encoding is the heavy one-off work of Stages 2-3
+    (SAM2's image encoder over every training image), so under torchrun it is sharded (shard=True,
+    every rank calls this): rank r reads and encodes only its own items (data.stream.read_split)
+    on its own device (bf16 autocast on GPU), and the codes - 4 bytes a mask - are all-gathered,
+    so no rank waits for work it could share and nothing needs a shared filesystem. Whether the
+    cache is there is agreed by all ranks first. At ~40 bytes a scene the table stays small."""
+    from data.stream import read_split
     precision = "bf16" if mask_tok.device.type == "cuda" else "fp32"
-    key = hashlib.sha1(f"{file_hash(mask_tok.checkpoint)}|{cfg['data']}|{split}|{seeds}|{precision}".encode())
+    key = hashlib.sha1(f"{file_hash(mask_tok.checkpoint)}|{cfg['data']}|{split}|{n}|{precision}".encode())
     path = os.path.join(os.path.dirname(os.path.normpath(cfg["out_dir"])) or ".", "codes", f"{key.hexdigest()[:16]}.pt")
     rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_initialized() else (0, 1)
     cached = torch.tensor([os.path.exists(path)], dtype=torch.int32, device=mask_tok.device)
@@ -528,48 +532,92 @@ def scene_codes(mask_tok, cfg, split, scenes, shard=True):
         dist.all_reduce(cached, op=dist.ReduceOp.MIN)        # every rank reads, or every rank encodes
     if cached.item():
         return read_checkpoint(path)
-    t0 = time.time()
+    t0, mine = time.time(), {}
     with autocast(mask_tok.device):
-        mine = {k: mask_tok.encode(s["image"], s["masks"]).cpu().short()
-                for k, (_, s) in progress(list(enumerate(scenes))[rank::world], f"encoding {split} masks")}
+        for k, s in progress(read_split(cfg["data"], split, rank, world, limit=n), f"encoding {split} masks"):
+            mine[k] = mask_tok.encode(s["image"], s["masks"]).cpu().short()
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, mine)
         mine = {k: c for part in parts for k, c in part.items()}
-    codes = [mine[k] for k in range(len(scenes))]
+    if not mine:
+        raise UserError(f"--data={cfg['data']}: no usable scene in the {split} split")
+    keys = sorted(mine)
+    table = dict(keys=torch.tensor(keys), codes=torch.cat([mine[k] for k in keys]),
+                 start=torch.tensor([0] + [len(mine[k]) for k in keys]).cumsum(0))
     if rank == 0:
-        atomic_save(codes, path)
-        print(f"encoded the masks of {len(scenes)} {split} scenes on {world} rank{'s' * (world > 1)} "
+        atomic_save(table, path)
+        print(f"encoded the masks of {len(keys)} {split} scenes on {world} rank{'s' * (world > 1)} "
               f"in {time.time() - t0:.0f} s -> {path}")
-    return codes
+    return table
 
 
-def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False, shard=True):
-    """The first n scenes of a split of cfg["data"] (data.open_dataset: the shapes world by default)
-    -> (images (n, S, S, 3) uint8 at the VLM's input size S = cfg["image_size"] (S = 0: a list of
-    the images at their own sizes), samples with
-    their image index, scenes as (seed, scene), codes). extra_none: more no-target phrases a
-    training scene (data.tasks.absent_refs). The masks are only kept for the test split (the
-    evaluation decodes against them at each image's own size) or when asked (keep_masks)."""
-    from itertools import islice
-    from data import open_dataset
-    skipped = Counter()
-    scenes = [(scene_seed(s["id"]), s) for s in islice(open_dataset(cfg["data"], skipped, split=split), n)]
+def codes_of(table, key):
+    """The codes (masks, levels) of scene `key` in a codes_table."""
+    i = int(torch.searchsorted(table["keys"], key))
+    if i >= len(table["keys"]) or int(table["keys"][i]) != key:
+        raise KeyError(f"scene {key} is not in the codes table: the data changed since its codes pass")
+    return table["codes"][table["start"][i]:table["start"][i + 1]]
+
+
+def scene_inputs(scene, key, table, cfg, tasks, extra_none, img):
+    """One scene's samples (data/tasks.py, each with img = its image's index) with the mask words
+    of its codes, and its image as the VLM sees it: image_size^2, or (image_size 0: a released
+    Qwen-VL's native resolution) as it is, with its own count of visual tokens."""
+    seed, codes = scene_seed(scene["id"]), codes_of(table, key)
+    if extra_none and "refs" in scene:      # more no-target phrases (data.tasks.absent_refs)
+        scene = dict(scene, refs=scene["refs"] + absent_refs(seed, scene, extra_none))
+    samples = [dict(x, img=img) for x in scene_samples(seed, scene, codes.long().numpy(), tasks)]
+    return samples, resize_image(scene["image"], cfg["image_size"]) if cfg["image_size"] else scene["image"], seed
+
+
+def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False, shard=True, table=None):
+    """The first n scenes of a split of cfg["data"] (data.open_dataset: the shapes world by default),
+    in memory -> (images at the VLM's input size (an (n, S, S, 3) array; a list at native
+    resolution), samples with their image index, scenes as (seed, scene), each scene's codes).
+    extra_none: more no-target phrases a training scene. The masks are only kept for the test
+    split (the evaluation decodes against them at each image's own size) or when asked."""
+    from data.stream import read_split
+    table = table or codes_table(mask_tok, cfg, split, n, shard)
+    images, samples, scenes, keys = [], [], [], []
+    for k, (key, s) in enumerate(read_split(cfg["data"], split, limit=n)):
+        keys.append(key)
+        mine, image, seed = scene_inputs(s, key, table, cfg, tasks, extra_none if split == "train" else 0, k)
+        samples += mine
+        images.append(image)
+        keep = split != "train" or keep_masks
+        scenes.append((seed, s if keep else {k: v for k, v in s.items() if k != "masks"}))
     if not scenes:
         raise UserError(f"--data={cfg['data']}: no usable scene in the {split} split")
-    codes = scene_codes(mask_tok, cfg, split, scenes, shard)
-    samples = []
-    for k, ((seed, s), c) in enumerate(zip(scenes, codes)):
-        if split == "train" and extra_none and "refs" in s:
-            s = dict(s, refs=s["refs"] + absent_refs(seed, s, extra_none))
-        samples += [dict(x, img=k) for x in scene_samples(seed, s, c.long().numpy(), tasks)]
-    # every image is shown to the VLM at image_size^2 (the processor would resize it anyway), or
-    # (image_size 0: a released Qwen-VL's native resolution) as it is, each with its own token count
-    S = cfg["image_size"]
-    images = np.stack([resize_image(s["image"], S) for _, s in scenes]) if S else [s["image"] for _, s in scenes]
-    if split == "train" and not keep_masks:
-        scenes = [(seed, {k: v for k, v in s.items() if k != "masks"}) for seed, s in scenes]
-    return images, samples, scenes, codes
+    return (np.stack(images) if cfg["image_size"] else images), samples, scenes, [codes_of(table, k) for k in keys]
+
+
+class ConversationBatches:
+    """data.stream's make_batches for Stage 2 (the streamed path): a pool of scenes -> their
+    conversations (data.tasks), tokenized, sorted by length and cut into micro-batches of
+    batch_size (length bucketing in the pool), in a random order, each collated into model
+    inputs and labels: all of it in the DataLoader workers. Each batch also carries n_tok (its
+    assistant tokens) and dropped (conversations longer than max_len, counted on a pool's first)."""
+
+    def __init__(self, table, processor, cfg, tasks):
+        self.table, self.processor, self.cfg, self.tasks = table, processor, cfg, tasks
+
+    def __call__(self, scenes, rng):
+        cfg, images, samples = self.cfg, [], []
+        for k, s in enumerate(scenes):
+            mine, image, _ = scene_inputs(s, s["key"], self.table, cfg, self.tasks, cfg["extra_none"], k)
+            samples += mine
+            images.append(image)
+        convs, dropped = tokenize(conversations(samples, cfg["turns"], int(rng.integers(1 << 31))), images,
+                                  self.processor, cfg["max_len"])
+        order = sorted(rng.permutation(len(convs)).tolist(), key=lambda j: len(convs[j]["ids"]))
+        cuts = [order[a:a + cfg["batch_size"]] for a in range(0, len(order), cfg["batch_size"])]
+        out = []
+        for b in rng.permutation(len(cuts)).tolist():
+            batch, labels = collate([convs[j] for j in cuts[b]], images, self.processor)
+            out.append(dict(batch=batch, labels=labels, n_tok=sum(sum(convs[j]["in_loss"]) for j in cuts[b]),
+                            dropped=dropped if not out else 0))
+        return out
 
 
 def load_prompts(cfg, mask_tok):

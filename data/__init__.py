@@ -34,9 +34,8 @@ decided before the image is read (a jsonl folder is filtered after reading). max
 at most that many masks per image in the COCO-family and SA-1B readers (the referred ones
 always, the others at random, seeded by the image): an SA-1B image has ~100.
 
-take: a callable asked once per item, in the reader's order, before the item is read (a jsonl
-line before it is parsed; the others after their split filter); False passes over the item
-unread. data.stream shards a split over ranks and workers with it.
+take: a callable asked once per item of the split, in the reader's order, before its image is
+read (a jsonl line is parsed first, for its image name's split); False passes over the item. data.stream shards a split over ranks and workers with it.
 
 skipped: a collections.Counter that receives one count per skipped item and reason (missing or
 corrupt image, bad mask, polygon with < 3 points, mask outside the image, unknown image id,

@@ -110,7 +110,7 @@ def read_folder(folder, skipped=None, split=None, take=None):
     reason; a summary line goes to stderr at the end whenever anything was skipped.
     The folder and its annotations.jsonl are checked right away (FileNotFoundError).
     split: only the lines whose image name hashes to it (data.coco.split_of), decided before
-    the image is read; take: see data.open_dataset (asked per line, before it is parsed).
+    the image is read; take: see data.open_dataset (asked after the split, before the image).
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"dataset folder {folder!r} does not exist "
@@ -127,9 +127,7 @@ def _iter_folder(folder, path, skipped, split, take):
         for line in f:
             if not line.strip():
                 continue                           # blank lines are harmless, not errors
-            if take is not None and not take():
-                continue                           # another shard's line: not even parsed
-            scene = _read_record(folder, line, skipped, split)
+            scene = _read_record(folder, line, skipped, split, take)
             if scene is not None:
                 yield scene
     if skipped:
@@ -137,7 +135,7 @@ def _iter_folder(folder, path, skipped, split, take):
         print(f"read_folder({folder}): skipped {details}", file=sys.stderr)
 
 
-def _read_record(folder, line, skipped, split=None):
+def _read_record(folder, line, skipped, split=None, take=None):
     """One jsonl line -> scene dict, or None (with the reason counted in `skipped`, unless the
     line belongs to another split)."""
     try:
@@ -151,6 +149,8 @@ def _read_record(folder, line, skipped, split=None):
         from data.coco import split_of
         if split_of(image_rel) != split:
             return None
+    if take is not None and not take():
+        return None                                # another shard's: its image is not read
     image_path = os.path.join(folder, image_rel)
     if not os.path.isfile(image_path):
         skipped["missing_image"] += 1

@@ -33,6 +33,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from common import UserError, print0
 
 
+def streamed(cfg):
+    """Whether a stage streams its training data: --stream=true, or auto (the default) with any
+    --data but the embedded shapes world, which the tiny preset keeps in memory with its caches."""
+    if cfg["stream"] not in ("auto", "true", "false"):
+        raise UserError(f"--stream takes auto, true or false, got {cfg['stream']!r}")
+    return cfg["stream"] == "true" or (cfg["stream"] == "auto" and cfg["data"] != "shapes")
+
+
 class Exhausted(Exception):
     """Raised by Take past its limit: the reader stops there (the end of the epoch)."""
 
@@ -54,6 +62,24 @@ class Take:
             return False
         self.local = self.k // self.n
         return self.local >= self.start
+
+
+def read_split(spec, split, shard=0, n=1, limit=0, max_masks=0, skipped=None):
+    """One pass over a split, this shard's items only: (key, scene) pairs, key as in Stream (the
+    item's number in its reader, times the parts, plus its part); a mixture's parts in turn."""
+    from data import open_dataset
+    parts = spec.split(",")
+    takes = [Take(shard, n, limit=limit) for _ in parts]
+    its = {i: open_dataset(p, Counter() if skipped is None else skipped, split, max_masks, take=t)
+           for i, (p, t) in enumerate(zip(parts, takes))}
+    while its:
+        for i in list(its):
+            try:
+                scene = next(its[i])
+            except (StopIteration, Exhausted):
+                del its[i]
+                continue
+            yield takes[i].k * len(parts) + i, scene
 
 
 class Stream(IterableDataset):

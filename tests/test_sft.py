@@ -345,12 +345,13 @@ def test_codes_pass_on_two_ranks_equals_one_process(tok_ckpt, tmp_path):
     assert [f.name for f in caches[1]] == [f.name for f in caches[2]] and len(caches[1]) == 2     # train and test
     for a, b in zip(caches[1], caches[2]):
         ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-        assert len(ca) in (5, 3) and all(torch.equal(x, y) for x, y in zip(ca, cb))
+        assert len(ca["keys"]) in (5, 3) and all(torch.equal(ca[k], cb[k]) for k in ("keys", "start", "codes"))
     mask_tok = load_tokenizer(tok_ckpt)
     from data import open_dataset
     scenes = [s for _, s in zip(range(5), open_dataset("shapes", split="train"))]
-    train = next(torch.load(f, weights_only=True) for f in caches[1] if len(torch.load(f, weights_only=True)) == 5)
-    assert all(torch.equal(c.long(), mask_tok.encode(s["image"], s["masks"])) for c, s in zip(train, scenes))
+    train = next(t for t in (torch.load(f, weights_only=True) for f in caches[1]) if len(t["keys"]) == 5)
+    assert train["keys"].tolist() == list(range(5))          # item k of the split, whichever rank read it
+    assert all(torch.equal(vlm.codes_of(train, k).long(), mask_tok.encode(s["image"], s["masks"])) for k, s in enumerate(scenes))
     again = finish(run(common + [f"--out_dir={tmp_path / '2' / 'grpo'}"], nproc=2))   # another stage's out_dir, same cache
     assert "encoded" not in again
 
@@ -459,3 +460,25 @@ def test_grounding_answers_are_boxes_in_qwens_format():
     scenes = [s for _, s in seeds_scenes]
     assert box_text(scenes[0]["boxes"][0], 128, 128) in text_corpus(scenes, ("refer", "ground"))
     assert not any("<|box_start|>" in t for t in text_corpus(scenes))
+
+
+def test_streamed_folder_of_nonsquare_images_resumes_where_it_stopped(tok_ckpt, tmp_path):
+    """--data=FOLDER streams (data/stream.py): the workers read, tokenize and batch non-square
+    images of four sizes; an interrupted and resumed run trains on the batches of the whole run
+    (the same step lines), and 2 ranks x 2 workers run through under torchrun."""
+    from test_common import nonsquare_names, write_nonsquare_folder
+    from data.coco import split_of
+    names = [n for n in (f"images/ns_{i}.png" for i in range(200)) if split_of(n) == "train"][:18]
+    folder = write_nonsquare_folder(str(tmp_path / "data"), names + nonsquare_names(2),
+                                    [(178, 142), (96, 160), (120, 200), (150, 130)] * 5)
+    common = [*TINY, f"--tokenizer_ckpt={tok_ckpt}", f"--data={folder}", "--n_train=0", "--steps=5", "--batch_size=4",
+              "--pool_scenes=4", "--log_every=1", "--ckpt_every=2", "--eval_n=0"]
+    whole = run(common + [f"--out_dir={tmp_path / 'whole'}"])
+    two = run(common + [f"--out_dir={tmp_path / 'two'}", "--steps=2"], nproc=2)
+    out = finish(run(common + [f"--out_dir={tmp_path / 'cut'}", "--stop_after=3"]))
+    assert "streamed" in out and len(losses_of(out)) == 3
+    again = finish(run(common + [f"--out_dir={tmp_path / 'cut'}", "--resume=true"]))
+    assert "resuming from step 2" in again
+    whole, two = losses_of(finish(whole)), finish(two)
+    assert losses_of(out)[:2] + losses_of(again) == whole and len(whole) == 5
+    assert "streamed" in two and len(losses_of(two)) == 2
