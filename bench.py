@@ -13,6 +13,8 @@ Sections (--only takes a comma list of these names):
   sft         sft.py's training tokens/s and loss after N steps against TRL's SFTTrainer, same
               tiny VLM, data, batches, steps, one process
   grpo        grpo.py's completions/s and step time against TRL's GRPOTrainer
+  memory      peak memory of tokenizer.py and sft.py streaming jsonl folders of 512 px scenes, ~120
+              against ~480 training images: what grows with the dataset (--only=memory)
   gpu         (--gpu_check) one command, designed for < 5 minutes on one H200, random-init models of
               the real sizes: tokenizer training at SAM2.1-L / 1024 px, SFT at Qwen2.5-VL-3B in bf16
               (tokens/s, MFU), GRPO generation (completions/s). --dry_run: the same code, tiny, CPU.
@@ -44,7 +46,7 @@ from common import UserError, configure, read_json, run, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))   # where the stage scripts are
 PEER_PIP = "pip install vector-quantize-pytorch==1.32.0 trl==1.16.0"
-SECTIONS = ("resolution", "rvq", "encodings", "sft", "grpo", "gpu")   # = the modules of benchmarks/
+SECTIONS = ("resolution", "rvq", "encodings", "sft", "grpo", "memory", "gpu")   # = the modules of benchmarks/
 
 DEFAULTS = dict(
     only="resolution,rvq,encodings,sft,grpo",   # comma list of SECTIONS
@@ -67,6 +69,8 @@ DEFAULTS = dict(
     sft_out="out/bench/sft",
     # grpo: grpo.py (its own process, from the Stage-2 model in out/sft) against TRL's GRPOTrainer
     grpo_steps=6, grpo_warmup=1, grpo_args="--n_train=100", grpo_out="out/bench/grpo",
+    # memory: the two folder sizes (training images), the steps of each run
+    mem_images=120, mem_steps=10, mem_out="out/bench/memory",
     # gpu check: real sizes, random init, one GPU
     gpu_check=False, dry_run=False,
     gpu_steps=8, gpu_warmup=3,

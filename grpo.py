@@ -42,10 +42,11 @@ import torch.distributed as dist
 
 from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, iou, lr_at, print0,
                     read_json, run, set_lr, stop_early, write_json)
+from data.stream import streamed
 from data.tasks import NO_TARGET
 from samtok import load_tokenizer, text_to_codes
 from vlm import (banned_tokens, batch_logps, completion_batch, completion_text, evaluate, gt_union, load_model,
-                 load_prompts, metrics_line, micro_batches, parallelize, resolve_init, resume_dir, rollout,
+                 load_prompts, metrics_line, micro_batches, parallelize, prompt_stream, resolve_init, resume_dir, rollout,
                  save_checkpoint, set_trainable, stage_config, tokenize_prompts, tokenizer_of, unwrap, vision_tower,
                  visual_tokens)
 
@@ -59,7 +60,9 @@ DEFAULTS = dict(
     image_size=128,             # images are resized to image_size^2 px, as in Stage 2 (0: native resolution)
     # prompts: the segmentation tasks of the train split of any data.open_dataset spec, as in Stage 2
     data="shapes",              # the synthetic world; or a jsonl folder, coco:..., refcoco:..., grefcoco:...
-    n_train=500,                # scenes (shapes: ~9 referring prompts each)
+    n_train=500,                # the first n scenes of the split (shapes: ~9 referring prompts each)
+    stream="auto",              # auto: the shapes world in memory, any --data on disk streamed (data/stream.py) | true | false
+    num_workers=2, pool_scenes=64,   # streamed: reader processes; prompts are bucketed in pools of these scenes
     tasks="refer",              # refer (single, multi and no-target) and/or gcg (grounded conversation)
     # rollouts
     num_generations=8,          # G: completions sampled per prompt (paper: 16)
@@ -353,8 +356,10 @@ def load_start(cfg, device):
         src, state = resume_dir(os.path.join(cfg["out_dir"], "model"))
         if state["config"].get("stage") != "grpo":
             raise UserError(f"--resume: {src} is not a GRPO checkpoint")
-    images, prompts, scenes = load_prompts(cfg, mask_tok)
     model, processor = load_model(src or init, cfg)
+    if streamed(cfg):               # the prompts come with each step (vlm.prompt_stream)
+        return mask_tok, init, None, None, None, model, processor, state
+    images, prompts, scenes = load_prompts(cfg, mask_tok)
     return mask_tok, init, images, tokenize_prompts(prompts, images, processor), scenes, model, processor, state
 
 
@@ -445,7 +450,7 @@ def prepare_policy(model, processor, images, cfg, init, step, world, device, sta
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # before the sharding: the tower runs here on its own, outside the root module's FSDP forward
     frozen = not any(p.requires_grad for p in vision_tower(model).parameters())
-    visual = visual_tokens(model.to(device), processor, images, device) if frozen else None
+    visual = visual_tokens(model.to(device), processor, images, device) if frozen and images is not None else None
     net = parallelize(model, cfg, world, device)
     opt = adamw(net.parameters(), cfg["lr"], cfg["weight_decay"], cfg["beta2"])
     if state is not None:
@@ -488,7 +493,7 @@ def main():
     mask_tok, init, images, prompts, scenes, model, processor, state = load_start(cfg, device)
     G, step, model_dir = cfg["num_generations"], state["step"] if state else 0, os.path.join(cfg["out_dir"], "model")
     print0(f"policy: {init if not step else model_dir}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-           f"parameters | prompts: {dict(Counter(p['task'] for p in prompts))} | G={G}, {cfg['batch_size'] // G} "
+           f"parameters | prompts: {dict(Counter(p['task'] for p in prompts)) if prompts else 'streamed'} | G={G}, {cfg['batch_size'] // G} "
            f"prompts = {cfg['batch_size']} completions a step" + (f" | resuming from step {step}" if step else ""))
     before = evaluate_before(cfg, model, processor, mask_tok, init, step, device) if rank == 0 and cfg["eval_n"] else None
     if world > 1:
@@ -500,11 +505,14 @@ def main():
     # ---- the loop: every rank draws the same prompts (length-bucketed, from the seed) and samples
     # the completions of its share; rewards and completions are then gathered, so every rank
     # knows the whole step: the advantages, which groups carry a loss, the loss normalisers
-    stream = micro_batches([len(p["ids"]) for p in prompts], cfg["batch_size"] // G, cfg["seed"], 16, skip=step)
+    stream, (draw, position) = (micro_batches([len(p["ids"]) for p in prompts], cfg["batch_size"] // G, cfg["seed"], 16,
+                                              skip=step), (None, None)) if prompts else (None, prompt_stream(cfg, processor, mask_tok, state, device))
     steps, mu, run_steps, window, gen = cfg["steps"], cfg["num_iterations"], 0, [], torch.Generator(device=device)
     while step < steps:
         # sampling and rewards: G completions a prompt, scored from their text alone
-        t_step, batch_prompts = time.time(), next(stream)
+        t_step, b = time.time(), draw() if draw else dict(steps=next(stream))   # the prompts in memory, or this step's own
+        prompts, images, scenes = (b["prompts"], b["images"], b["scenes"]) if draw else (prompts, images, scenes)
+        batch_prompts = b.get("steps", range(len(prompts)))
         gen.manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
         rows, times = sample_and_score(model, processor, mask_tok, prompts, images, scenes, batch_prompts[rank::world],
                                        cfg, gen, device, world, visual)
@@ -536,7 +544,7 @@ def main():
             window = []
         # checkpoint and termination conditions
         if step % cfg["ckpt_every"] == 0 or step == steps:
-            save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir)
+            save_checkpoint(net, opt, processor, dict(cfg, stage="grpo"), step, model_dir, position and position.gathered())
             if rank == 0:
                 write_json(hist_path, history)
         if stop_early(cfg, run_steps, step, steps):

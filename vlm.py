@@ -609,7 +609,7 @@ class ConversationBatches:
             samples += mine
             images.append(image)
         convs, dropped = tokenize(conversations(samples, cfg["turns"], int(rng.integers(1 << 31))), images,
-                                  self.processor, cfg["max_len"])
+                                  self.processor, cfg["max_len"]) if samples else ([], 0)
         order = sorted(rng.permutation(len(convs)).tolist(), key=lambda j: len(convs[j]["ids"]))
         cuts = [order[a:a + cfg["batch_size"]] for a in range(0, len(order), cfg["batch_size"])]
         out = []
@@ -627,14 +627,65 @@ def load_prompts(cfg, mask_tok):
     input size, prompts, scenes as (seed, scene); masks kept only for the iou reward)."""
     tasks = tuple(cfg["tasks"].split(","))
     images, samples, scenes, _ = load_world("train", cfg["n_train"], mask_tok, cfg, tasks, keep_masks=cfg["reward"] == "iou")
-    prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
+    prompts = segmentation_prompts(samples, scenes)
     if not prompts:
         raise UserError(f"--data={cfg['data']}: no usable prompts for --tasks={cfg['tasks']} in {len(scenes)} train "
                         f"scenes (refer needs referring expressions, gcg grounded descriptions)")
-    for p in prompts:        # gcg: the targets are the objects its grounded phrases point at
+    return images, prompts, scenes
+
+
+def segmentation_prompts(samples, scenes):
+    """The samples GRPO learns from: referring and grounded-conversation prompts; a gcg prompt's
+    targets are the objects its grounded phrases point at."""
+    prompts = [s for s in samples if s["task"] in ("refer", "gcg")]
+    for p in prompts:
         if p["task"] == "gcg":
             p["targets"] = sorted({i for _, _, i in scenes[p["img"]][1]["grounded"]["spans"]})
-    return images, prompts, scenes
+    return prompts
+
+
+class PromptBatches:
+    """data.stream's make_batches for Stage 3 (the streamed path): a pool of scenes -> batches of
+    n segmentation prompts, tokenized, length-bucketed within the pool, in a random order; each
+    batch self-contained: prompts (img = an index into its own images), images, scenes (masks
+    kept for the iou reward only). Prompts that do not fill a last batch of n wait for another
+    epoch, whose shards and pools mix the items differently."""
+
+    def __init__(self, table, processor, cfg, tasks, n):
+        self.table, self.processor, self.cfg, self.tasks, self.n = table, processor, cfg, tasks, n
+
+    def __call__(self, items, rng):
+        cfg, n, images, samples, scenes = self.cfg, self.n, [], [], []
+        for k, s in enumerate(items):
+            mine, image, seed = scene_inputs(s, s["key"], self.table, cfg, self.tasks, 0, k)
+            samples += mine
+            images.append(image)
+            scenes.append((seed, s if cfg["reward"] == "iou" else {k: v for k, v in s.items() if k != "masks"}))
+        prompts = segmentation_prompts(samples, scenes)
+        prompts = tokenize_prompts(prompts, images, self.processor) if prompts else []
+        order = sorted(rng.permutation(len(prompts)).tolist(), key=lambda j: len(prompts[j]["ids"]))
+        cuts = [order[a:a + n] for a in range(0, len(order) - n + 1, n)]
+        out = []
+        for b in rng.permutation(len(cuts)).tolist():
+            used = list(dict.fromkeys(prompts[j]["img"] for j in cuts[b]))
+            out.append(dict(prompts=[dict(prompts[j], img=used.index(prompts[j]["img"])) for j in cuts[b]],
+                            images=[images[i] for i in used], scenes=[scenes[i] for i in used]))
+        return out
+
+
+def prompt_stream(cfg, processor, mask_tok, state, device):
+    """Stage 3's prompts streamed (data.stream): the codes pass (sharded over the ranks), then
+    batches of batch_size / G prompts with their images (PromptBatches) read by the DataLoader
+    workers. Every rank reads the same stream: a step's prompts are known to all ranks, which
+    sample their share of the groups and gather the rest, as in memory; a step reads ~batch_size
+    / G images. -> (draw() -> the next step's batch, its Position)."""
+    from data.stream import Position, Stream, loader, resume_state
+    table = codes_table(mask_tok, cfg, "train", cfg["n_train"])
+    at = resume_state(state.get("stream") if state else None, max(cfg["num_workers"], 1))
+    make = PromptBatches(table, processor, cfg, tuple(cfg["tasks"].split(",")), cfg["batch_size"] // cfg["num_generations"])
+    stream = Stream(cfg["data"], "train", make, cfg["pool_scenes"], cfg["seed"], 0, 1, at, limit=cfg["n_train"])
+    position, batches = Position(at), loader(stream, cfg["num_workers"], device)
+    return (lambda: position.consumed(next(batches))), position
 
 
 def gt_union(scene, targets):

@@ -21,8 +21,8 @@ IterableDataset that reads its dataset (data.open_dataset) as it goes:
              a resumed stream skips what came before by counting items, without reading them,
              re-reads only the pool it stopped in, and goes on with the same batches.
 
-An epoch in which a shard gets no item at all (fewer items than shards) yields {"empty": True}
-so the trainer can say so in one line (loader() does).
+An epoch in which a shard makes no batch at all (fewer items than shards, or no usable sample
+in its items) yields {"empty": True} so the trainer can say so in one line (loader() does).
 """
 from collections import Counter
 
@@ -135,9 +135,9 @@ class Stream(IterableDataset):
                 for i, h in enumerate(heads):
                     if h is None or h[0] != p:
                         continue
-                    any_item = True
                     rng = np.random.default_rng([self.seed, epoch, shard, p, i])
                     for b, batch in enumerate(self.make_batches(h[1], rng)):
+                        any_item = True
                         if b < done0 and (p, i) == (pool0, part0):
                             continue                       # consumed before the resume
                         yield dict(batch, at=(shard, epoch, p, i, b + 1))
@@ -179,7 +179,7 @@ def loader(stream, workers, device, prefetch=2):
     raises UserError when a shard's epoch is empty. The DataLoader takes its workers' batches in
     turn from worker 0; a resumed run goes on from the worker after the last one consumed, so
     the batches come in the order of the run that was interrupted."""
-    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=workers, pin_memory=device.type == "cuda",
                                      prefetch_factor=prefetch if workers else None, persistent_workers=False,
                                      generator=torch.Generator())   # its own: the trainer's random draws stay as they were
     mine = {s: at for s, at in stream.state.items() if s // max(workers, 1) == stream.rank}
@@ -188,11 +188,17 @@ def loader(stream, workers, device, prefetch=2):
         for batch in _rotated(dl, first, max(workers, 1)):
             if "empty" in batch:
                 shards = stream.world * max(workers, 1)
-                raise UserError(f"--data={','.join(stream.parts)}: a shard of the {stream.split} split got no item in "
-                                f"an epoch ({shards} shards = ranks x workers): use fewer --num_workers or more data")
+                raise UserError(f"--data={','.join(stream.parts)}: a shard of the {stream.split} split made no batch in an "
+                                f"epoch ({shards} shards = ranks x workers): it has no usable samples for this stage, or "
+                                f"too few items for the shards (use fewer --num_workers)")
             yield batch
     except UserError as e:          # a worker's: torch re-raises it with the worker's traceback in the text
         raise UserError(str(e).strip().splitlines()[-1].removeprefix("common.UserError: ")) from None
+
+
+def _as_is(batch):
+    """The batches are made whole in the workers: no conversion (numpy arrays stay arrays)."""
+    return batch
 
 
 def _rotated(batches, first, n):

@@ -496,7 +496,7 @@ def test_script_bad_input(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
 def test_folder_dataset_without_referring_expressions_has_no_usable_prompts(tok_ckpt, sft_ckpt, tmp_path, monkeypatch,
                                                                             capsys):
     """A data/jsonl.py folder whose images have masks but no referring expressions: no prompts, one
-    line. The same folder with its expressions trains."""
+    line, streamed or in memory. The same folder with its expressions trains."""
     from data import write_folder
     write_folder(str(tmp_path / "d"), "val", 6)
     lines = [json.loads(x) for x in open(tmp_path / "d" / "annotations.jsonl")]
@@ -505,7 +505,30 @@ def test_folder_dataset_without_referring_expressions_has_no_usable_prompts(tok_
             f.write(json.dumps(dict(rec, refs=[])) + "\n")
     args = script_args(tok_ckpt, sft_ckpt, tmp_path / "o") + ["--steps=1", "--eval_n=0", f"--data={tmp_path / 'd'}"]
     code, _, err = run_main(monkeypatch, capsys, args)
-    assert code == 2 and "no usable prompts" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and "no usable samples" in err and len(err.strip().splitlines()) == 1, err   # streamed
+    code, _, err = run_main(monkeypatch, capsys, args + ["--stream=false"])
+    assert code == 2 and "no usable prompts" in err and len(err.strip().splitlines()) == 1, err   # in memory
     write_folder(str(tmp_path / "d"), "val", 6)
     code, out, err = run_main(monkeypatch, capsys, args)
     assert code == 0 and "step    1/1" in out, err
+
+
+def test_streamed_folder_of_nonsquare_images_resumes_where_it_stopped(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
+    """--data=FOLDER streams its prompts (vlm.prompt_stream: each step's prompts come with their own
+    images, non-square, of four sizes, the iou reward decoding over each one); an interrupted
+    and resumed run gives the step lines of the whole run."""
+    from test_common import write_nonsquare_folder
+    from data.coco import split_of
+    names = [n for n in (f"images/ns_{i}.png" for i in range(200)) if split_of(n) == "train"][:12]
+    folder = write_nonsquare_folder(str(tmp_path / "data"), names, [(178, 142), (96, 160), (120, 200), (150, 130)] * 3)
+    args = lambda out: script_args(tok_ckpt, sft_ckpt, out) + [f"--data={folder}", "--n_train=0", "--steps=3",
+                                                             "--eval_n=0", "--ckpt_every=1", "--pool_scenes=4",
+                                                             "--reward=iou"]
+    code, whole, err = run_main(monkeypatch, capsys, args(tmp_path / "whole"))
+    assert code == 0 and "prompts: streamed" in whole, err
+    code, first, err = run_main(monkeypatch, capsys, args(tmp_path / "cut") + ["--stop_after=2"])
+    assert code == 0, err
+    code, rest, err = run_main(monkeypatch, capsys, args(tmp_path / "cut") + ["--resume=true"])
+    assert code == 0 and "resuming from step 2" in rest, err
+    steps = lambda out: [line.split(" | lr")[0] for line in out.splitlines() if line.startswith("step ")]
+    assert steps(first) + steps(rest) == steps(whole) and len(steps(whole)) == 3

@@ -79,5 +79,5 @@ def test_resume_reads_only_the_pool_it_stopped_in(monkeypatch):
 
 
 def test_an_empty_shard_is_one_clear_error():
-    with pytest.raises(UserError, match="got no item"):
+    with pytest.raises(UserError, match="made no batch"):
         take(loader(Stream("shapes:48", None, Ids(2), 4, 0, limit=1), 2, CPU), 3)
