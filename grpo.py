@@ -24,7 +24,7 @@ Options are --key=value (python grpo.py --help lists them): --init_from=FOLDER (
 --data=FOLDER (or coco:..., refcoco:..., as in Stage 2) takes the prompts from another dataset,
 --loss_type=grpo|dr_grpo|dapo, --scale_rewards=group|none, --beta=0 drops the KL term (and the reference),
 --num_iterations=2 reuses each batch of rollouts twice, --fsdp=true shards with FSDP2,
---resume=true continues from out_dir/model.
+--resume=true continues from out_dir/model. Any --data on disk streams its prompts (data/stream.py).
 Writes out_dir/model (save_pretrained: model + processor + optimizer state), out_dir/metrics.json
 (before / after evaluation, rewards, throughput) and out_dir/gallery.png (after).
 """
@@ -46,7 +46,7 @@ from data.stream import streamed
 from data.tasks import NO_TARGET
 from samtok import load_tokenizer, text_to_codes
 from vlm import (banned_tokens, batch_logps, completion_batch, completion_text, evaluate, gt_union, load_model,
-                 load_prompts, metrics_line, micro_batches, parallelize, prompt_stream, resolve_init, resume_dir, rollout,
+                 load_prompts, metrics_line, parallelize, prompt_batches, resolve_init, resume_dir, rollout,
                  save_checkpoint, set_trainable, stage_config, tokenize_prompts, tokenizer_of, unwrap, vision_tower,
                  visual_tokens)
 
@@ -343,8 +343,8 @@ def check_options(cfg, world):
 def load_start(cfg, device):
     """The Stage-1 tokenizer, the prompts, and the policy: Stage 2's model (what it kept frozen
     stays frozen: the tiny preset's whole tower, read from its stage_config.json), or this stage's
-    own checkpoint when resuming. -> (mask_tok, init folder, images, prompts, scenes, model,
-    processor, train state or None)."""
+    own checkpoint when resuming. -> (mask_tok, init folder, (images, prompts, scenes) in memory or
+    None when streamed, model, processor, train state or None)."""
     init = resolve_init(cfg["init_from"])
     # what Stage 2 decided about the vision tower carries over, said as it is inherited
     cfg["tower_frozen"] = bool(stage_config(init).get("tower_frozen"))
@@ -357,10 +357,10 @@ def load_start(cfg, device):
         if state["config"].get("stage") != "grpo":
             raise UserError(f"--resume: {src} is not a GRPO checkpoint")
     model, processor = load_model(src or init, cfg)
-    if streamed(cfg):               # the prompts come with each step (vlm.prompt_stream)
-        return mask_tok, init, None, None, None, model, processor, state
+    if streamed(cfg):               # the prompts come with each step (vlm.prompt_batches)
+        return mask_tok, init, None, model, processor, state
     images, prompts, scenes = load_prompts(cfg, mask_tok)
-    return mask_tok, init, images, tokenize_prompts(prompts, images, processor), scenes, model, processor, state
+    return mask_tok, init, (images, tokenize_prompts(prompts, images, processor), scenes), model, processor, state
 
 
 def evaluate_before(cfg, model, processor, mask_tok, init, step, device):
@@ -490,29 +490,26 @@ def main():
     rank, world, device = init_distributed(cfg["device"])
     torch.manual_seed(cfg["seed"])
     print0("config:", cfg)
-    mask_tok, init, images, prompts, scenes, model, processor, state = load_start(cfg, device)
+    mask_tok, init, memory, model, processor, state = load_start(cfg, device)
     G, step, model_dir = cfg["num_generations"], state["step"] if state else 0, os.path.join(cfg["out_dir"], "model")
     print0(f"policy: {init if not step else model_dir}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-           f"parameters | prompts: {dict(Counter(p['task'] for p in prompts)) if prompts else 'streamed'} | G={G}, {cfg['batch_size'] // G} "
-           f"prompts = {cfg['batch_size']} completions a step" + (f" | resuming from step {step}" if step else ""))
+           f"parameters | prompts: {dict(Counter(p['task'] for p in memory[1])) if memory else 'streamed'} | G={G}, "
+           f"{cfg['batch_size'] // G} prompts = {cfg['batch_size']} completions a step" + (f" | resuming from step {step}" if step else ""))
     before = evaluate_before(cfg, model, processor, mask_tok, init, step, device) if rank == 0 and cfg["eval_n"] else None
     if world > 1:
         dist.barrier()
-    net, opt, ref, visual = prepare_policy(model, processor, images, cfg, init, step, world, device, state)
+    net, opt, ref, visual = prepare_policy(model, processor, memory and memory[0], cfg, init, step, world, device, state)
     hist_path = os.path.join(cfg["out_dir"], "history.json")
     history = read_json(hist_path)[:step] if step and os.path.exists(hist_path) else []
 
-    # ---- the loop: every rank draws the same prompts (length-bucketed, from the seed) and samples
-    # the completions of its share; rewards and completions are then gathered, so every rank
-    # knows the whole step: the advantages, which groups carry a loss, the loss normalisers
-    stream, (draw, position) = (micro_batches([len(p["ids"]) for p in prompts], cfg["batch_size"] // G, cfg["seed"], 16,
-                                              skip=step), (None, None)) if prompts else (None, prompt_stream(cfg, processor, mask_tok, state, device))
+    # ---- the loop: every rank draws the same prompts (vlm.prompt_batches) and samples the
+    # completions of its share; rewards and completions are then gathered, so every rank knows
+    # the whole step: the advantages, which groups carry a loss, the loss normalisers
+    draw, position = prompt_batches(cfg, processor, mask_tok, state, device, memory, step)
     steps, mu, run_steps, window, gen = cfg["steps"], cfg["num_iterations"], 0, [], torch.Generator(device=device)
     while step < steps:
         # sampling and rewards: G completions a prompt, scored from their text alone
-        t_step, b = time.time(), draw() if draw else dict(steps=next(stream))   # the prompts in memory, or this step's own
-        prompts, images, scenes = (b["prompts"], b["images"], b["scenes"]) if draw else (prompts, images, scenes)
-        batch_prompts = b.get("steps", range(len(prompts)))
+        t_step, (prompts, images, scenes, batch_prompts) = time.time(), draw()     # in memory, or this step's own
         gen.manual_seed(cfg["seed"] * 1_000_003 + step * world + rank)
         rows, times = sample_and_score(model, processor, mask_tok, prompts, images, scenes, batch_prompts[rank::world],
                                        cfg, gen, device, world, visual)

@@ -30,6 +30,8 @@ needs its --data on the command line (docs/data.md's specs, e.g. refcoco:...,gre
 --encode_only=true runs the codes pass alone (every mask's two words, sharded over the ranks,
 cached in out/codes for sft.py and grpo.py), e.g. once for a dataset before training:
     torchrun --standalone --nproc_per_node=8 sft.py --preset=paper --data=DATA --encode_only=true
+Any --data on disk streams (data/stream.py: the workers tokenize and bucket the conversations);
+the shapes world of the tiny preset is held in memory.
 Writes out_dir/model (save_pretrained: model + processor + optimizer state), out_dir/metrics.json
 and out_dir/gallery.png (test predictions over their images).
 """

@@ -673,19 +673,30 @@ class PromptBatches:
         return out
 
 
-def prompt_stream(cfg, processor, mask_tok, state, device):
-    """Stage 3's prompts streamed (data.stream): the codes pass (sharded over the ranks), then
-    batches of batch_size / G prompts with their images (PromptBatches) read by the DataLoader
-    workers. Every rank reads the same stream: a step's prompts are known to all ranks, which
-    sample their share of the groups and gather the rest, as in memory; a step reads ~batch_size
-    / G images. -> (draw() -> the next step's batch, its Position)."""
+def prompt_batches(cfg, processor, mask_tok, state, device, memory=None, step=0):
+    """Stage 3's prompts, a step at a time: draw() -> (prompts, images, scenes, the step's prompt
+    indices), and the stream's Position (None in memory). memory = (images, prompts, scenes): the
+    prompts of load_prompts, length-bucketed from the seed (vlm.micro_batches, after the `step`
+    steps a resumed run trained). Else streamed (data.stream): the codes pass (sharded over the
+    ranks), then batches of batch_size / G prompts with their own images (PromptBatches) read by
+    the DataLoader workers. Every rank reads the same prompts either way: all ranks know a
+    step's prompts, sample their share of the groups and gather the rest; a step reads ~16 images."""
+    n = cfg["batch_size"] // cfg["num_generations"]
+    if memory is not None:
+        images, prompts, scenes = memory
+        order = micro_batches([len(p["ids"]) for p in prompts], n, cfg["seed"], 16, skip=step)
+        return (lambda: (prompts, images, scenes, next(order))), None
     from data.stream import Position, Stream, loader, resume_state
     table = codes_table(mask_tok, cfg, "train", cfg["n_train"])
     at = resume_state(state.get("stream") if state else None, max(cfg["num_workers"], 1))
-    make = PromptBatches(table, processor, cfg, tuple(cfg["tasks"].split(",")), cfg["batch_size"] // cfg["num_generations"])
+    make = PromptBatches(table, processor, cfg, tuple(cfg["tasks"].split(",")), n)
     stream = Stream(cfg["data"], "train", make, cfg["pool_scenes"], cfg["seed"], 0, 1, at, limit=cfg["n_train"])
     position, batches = Position(at), loader(stream, cfg["num_workers"], device)
-    return (lambda: position.consumed(next(batches))), position
+
+    def draw():
+        b = position.consumed(next(batches))
+        return b["prompts"], b["images"], b["scenes"], range(len(b["prompts"]))
+    return draw, position
 
 
 def gt_union(scene, targets):

@@ -38,7 +38,7 @@ def run_trl_grpo(cfg, device, steps):
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
     torch.manual_seed(cfg["seed"])
-    _, _, images, prompts, _, model, processor, _ = grpo.load_start(cfg, device)
+    _, _, (images, prompts, _), model, processor, _ = grpo.load_start(cfg, device)
     set_trainable(model, cfg)            # what grpo.py trains, and nothing else
     G = cfg["num_generations"]
     # grpo.py's prompt stream: batch_size / G prompts a step, length-bucketed in pools of 16

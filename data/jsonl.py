@@ -100,7 +100,7 @@ def load_rgb(path):
             arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
             return np.repeat(arr[:, :, None], 3, axis=2)
         # palette, greyscale, RGBA (alpha dropped), CMYK, ... -> plain 8-bit RGB
-        return np.asarray(img.convert("RGB"), np.uint8)
+        return np.array(img.convert("RGB"), np.uint8)      # a writable array (torch will not wrap a read-only one)
 
 
 def read_folder(folder, skipped=None, split=None, take=None):

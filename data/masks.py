@@ -3,9 +3,11 @@ Stage 1's samples: every (image, mask) pair of a split at the tokenizer's resolu
 
 The paper trains the tokenizer on single masks (209M of them) with the image encoder frozen; here
 a batch is drawn the way SAM trains, a few images and (up to masks_per_image of) their masks, so
-the image-level work runs once per image. MaskSet holds the split in memory as flat tensors: the
-mask at S x S, its mask prompt at 4x the feature grid (what SAM2's mask_downscaling reads), its
-tight box in resized pixels (the two corner points of the prompt), and the scene it belongs to.
+the image-level work runs once per image. A MaskSet holds scenes as flat tensors: the mask at
+S x S, its mask prompt at 4x the feature grid (what SAM2's mask_downscaling reads), its tight box
+in resized pixels (the two corner points of the prompt), and the scene it belongs to. The shapes
+world keeps its whole train split in one; streamed (data/stream.py), the workers build one per
+batch (MaskBatches), and the evaluations read a split a chunk of scenes at a time (mask_sets).
 """
 
 from collections import Counter

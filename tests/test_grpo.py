@@ -514,7 +514,7 @@ def test_folder_dataset_without_referring_expressions_has_no_usable_prompts(tok_
 
 
 def test_streamed_folder_of_nonsquare_images_resumes_where_it_stopped(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
-    """--data=FOLDER streams its prompts (vlm.prompt_stream: each step's prompts come with their own
+    """--data=FOLDER streams its prompts (vlm.prompt_batches: each step's prompts come with their own
     images, non-square, of four sizes, the iou reward decoding over each one); an interrupted
     and resumed run gives the step lines of the whole run."""
     from test_common import write_nonsquare_folder
