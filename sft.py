@@ -77,7 +77,7 @@ DEFAULTS = dict(
     n_train=3000,               # the first n scenes of the split; every scene gives ~13 samples over the tasks
     stream="auto",              # auto: the shapes world in memory, any --data on disk streamed (data/stream.py) | true | false
     num_workers=2, pool_scenes=64,   # streamed: reader processes a rank; conversations are bucketed in pools of these scenes
-    built_scenes=64,            # streamed, config-built model: the first scenes its BPE and its tower's pretraining read
+    built_scenes=500,           # streamed, config-built model: the first scenes its BPE and its tower's pretraining read
     tasks="refer,caption,gcg",
     extra_none=2,               # shapes world: this many more no-target phrases per training scene
     turns=4,                    # turns (samples of one image and task) per training conversation; 1 = single-turn

@@ -74,6 +74,7 @@ def measure(cfg, device):
                                "--unquantized_steps=5", "--kmeans_samples=512", "--eval_every=0", "--n_val=2",
                                "--n_test=2", "--log_every=10"],
               "sft.py": [f"--steps={cfg['mem_steps']}", "--eval_n=2", "--log_every=10", "--vision_pretrain_steps=20",
+                         "--built_scenes=64",   # the config-built model's BPE and tower read a prefix: below both sizes
                          f"--tokenizer_ckpt={os.path.abspath(cfg['tokenizer_ckpt'])}"]}
     if not os.path.exists(cfg["tokenizer_ckpt"]):
         raise UserError(f"memory: no Stage-1 tokenizer at {cfg['tokenizer_ckpt']} (python tokenizer.py first)")

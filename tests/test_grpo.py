@@ -515,12 +515,12 @@ def test_folder_dataset_without_referring_expressions_has_no_usable_prompts(tok_
 
 def test_streamed_folder_of_nonsquare_images_resumes_where_it_stopped(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
     """--data=FOLDER streams its prompts (vlm.prompt_batches: each step's prompts come with their own
-    images, non-square, of four sizes, the iou reward decoding over each one); an interrupted
+    images, non-square JPEGs from 160 x 120 to 640 x 480, the iou reward decoding over each one); an interrupted
     and resumed run gives the step lines of the whole run."""
     from test_common import write_nonsquare_folder
     from data.coco import split_of
-    names = [n for n in (f"images/ns_{i}.png" for i in range(200)) if split_of(n) == "train"][:12]
-    folder = write_nonsquare_folder(str(tmp_path / "data"), names, [(178, 142), (96, 160), (120, 200), (150, 130)] * 3)
+    names = [n for n in (f"images/ns_{i}.jpg" for i in range(200)) if split_of(n) == "train"][:12]   # JPEG
+    folder = write_nonsquare_folder(str(tmp_path / "data"), names, [(120, 160), (480, 640), (178, 142), (96, 160)] * 3)
     args = lambda out: script_args(tok_ckpt, sft_ckpt, out) + [f"--data={folder}", "--n_train=0", "--steps=3",
                                                              "--eval_n=0", "--ckpt_every=1", "--pool_scenes=4",
                                                              "--reward=iou"]

@@ -464,13 +464,13 @@ def test_grounding_answers_are_boxes_in_qwens_format():
 
 def test_streamed_folder_of_nonsquare_images_resumes_where_it_stopped(tok_ckpt, tmp_path):
     """--data=FOLDER streams (data/stream.py): the workers read, tokenize and batch non-square
-    images of four sizes; an interrupted and resumed run trains on the batches of the whole run
+    JPEGs from 160 x 120 to 640 x 480; an interrupted and resumed run trains on the batches of the whole run
     (the same step lines), and 2 ranks x 2 workers run through under torchrun."""
     from test_common import nonsquare_names, write_nonsquare_folder
     from data.coco import split_of
-    names = [n for n in (f"images/ns_{i}.png" for i in range(200)) if split_of(n) == "train"][:18]
+    names = [n for n in (f"images/ns_{i}.jpg" for i in range(200)) if split_of(n) == "train"][:18]   # JPEG
     folder = write_nonsquare_folder(str(tmp_path / "data"), names + nonsquare_names(2),
-                                    [(178, 142), (96, 160), (120, 200), (150, 130)] * 5)
+                                    [(120, 160), (480, 640), (178, 142), (96, 160)] * 5)
     common = [*TINY, f"--tokenizer_ckpt={tok_ckpt}", f"--data={folder}", "--n_train=0", "--steps=5", "--batch_size=4",
               "--pool_scenes=4", "--log_every=1", "--ckpt_every=2", "--eval_n=0"]
     whole = run(common + [f"--out_dir={tmp_path / 'whole'}"])
