@@ -140,7 +140,7 @@ class Stream(IterableDataset):
                         any_item = True
                         if b < done0 and (p, i) == (pool0, part0):
                             continue                       # consumed before the resume
-                        yield dict(batch, at=(shard, epoch, p, i, b + 1))
+                        yield dict(batch, at=(shard, epoch, p, i, b + 1, n))
                     heads[i] = next(its[i], None)
             if not any_item:
                 yield {"empty": True}
@@ -150,17 +150,17 @@ class Stream(IterableDataset):
 
 class Position:
     """What the trainer has consumed of a Stream, shard by shard: state = {shard: (epoch, pool,
-    part, batches done, the rank's count of batches consumed so far)}, saved in the checkpoint
-    and given back to Stream(state=...) and loader(state=...)."""
+    part, batches done, the rank's count of batches consumed so far, the number of shards)},
+    saved in the checkpoint and given back to Stream(state=...)."""
 
     def __init__(self, state=None):
         self.state = dict(state or {})
         self.n = max((at[4] for at in self.state.values()), default=0)
 
     def consumed(self, batch):
-        shard, *at = batch["at"]
+        shard, epoch, pool, part, done, shards = batch["at"]
         self.n += 1
-        self.state[shard] = (*at, self.n)
+        self.state[shard] = (epoch, pool, part, done, self.n, shards)
         return batch
 
     def gathered(self):
@@ -219,8 +219,8 @@ def _rotated(batches, first, n):
 def resume_state(state, n_shards):
     """A saved Position.state for a run with n_shards shards; another count of shards cannot
     continue the same streams, so it starts them again (with a line saying so)."""
-    if state and set(state) != set(range(n_shards)):
-        print0(f"the data stream was saved for {len(state)} shards (ranks x workers), this run has {n_shards}: "
+    if state and any(at[5] != n_shards for at in state.values()):
+        print0(f"the data stream was saved for {next(iter(state.values()))[5]} shards (ranks x workers), this run has {n_shards}: "
               "it starts from the beginning of the data")
         return {}
     return state or {}

@@ -59,6 +59,15 @@ def test_resume_goes_on_with_the_same_batches(tmp_path):
     assert [b["ids"] for b in first + rest] == [b["ids"] for b in whole]
 
 
+def test_resume_after_one_batch_of_two_workers():
+    """Stopped before every worker gave a batch: the resume still goes on (the saved count of
+    shards, not the shards seen, says whether it can)."""
+    make = lambda state=None: loader(Stream("shapes:64", None, Ids(3), 4, 0, state=state, limit=30), 2, CPU)
+    whole, position = take(make(), 6), Position()
+    position.consumed(next(make()))
+    assert [b["ids"] for b in take(make(position.state), 5)] == [b["ids"] for b in whole[1:]]
+
+
 def test_resume_reads_only_the_pool_it_stopped_in(monkeypatch):
     import data
     made = Counter()
