@@ -240,16 +240,21 @@ def read_json(path):
         return json.load(f)
 
 
+def gather(obj, world):
+    """Every rank's obj, in rank order, on every rank ([obj] when world is 1): a collective."""
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def random_states(gen, world, device):
     """Every rank's random state, for a checkpoint: its data draws (gen), torch's own and the
     GPU's. A collective: every rank calls it at the same step."""
     state = dict(data=gen.get_state(), torch=torch.get_rng_state(),
                  **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
+    return gather(state, world)
 
 
 def restore_random(resumed, gen, rank, world, device):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, iou, lr_at, print0,
+from common import (UserError, adamw, autocast, cleanup, configure, gather, init_distributed, iou, lr_at, print0,
                     read_json, run, set_lr, stop_early, write_json)
 from data.stream import streamed
 from data.tasks import NO_TARGET
@@ -379,10 +379,7 @@ def evaluate_before(cfg, model, processor, mask_tok, init, step, device):
 def gather_rows(rows, batch_prompts, G, world):
     """Every rank's scored completions, on every rank, in the step's order: prompt i was sampled
     by rank i % world, as its (i // world)-th."""
-    if world == 1:
-        return rows
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
+    gathered = gather(rows, world)
     return [r for i in range(len(batch_prompts)) for r in gathered[i % world][i // world * G:(i // world + 1) * G]]
 
 

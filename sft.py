@@ -49,7 +49,7 @@ from common import (UserError, adamw, autocast, cleanup, configure, init_distrib
                     run, set_lr, stop_early, write_json)
 from data.tasks import conversations, text_corpus
 from samtok import codes_to_text, load_tokenizer, mask_tokens
-from data.stream import Position, Stream, loader, resume_state, streamed
+from data.stream import open_stream, streamed
 from vlm import (ConversationBatches, codes_table, collate, evaluate, load_pretrained, load_world, micro_batches, parallelize,
                  resume_dir, save_checkpoint, set_trainable, tokenize, tokenizer_of, vision_tower, visual_tokens)
 
@@ -263,11 +263,9 @@ def prepare_training(model, processor, images, convs, cfg, rank, world, device, 
     print0(f"global batch: {cfg['batch_size'] * accum * world} conversations a step"
            + (f"; resuming from step {step}" if step else ""))
     if convs is None:               # streamed: each rank reads its own shards
-        at = resume_state(state.get("stream") if state else None, world * max(cfg["num_workers"], 1))
-        stream = Stream(cfg["data"], "train", ConversationBatches(table, processor, cfg, tasks), cfg["pool_scenes"],
-                        cfg["seed"], rank, world, at, limit=cfg["n_train"])
-        position, batches = Position(at), loader(stream, cfg["num_workers"], device)
-        return net, opt, params, lambda: [position.consumed(next(batches)) for _ in range(accum)], position
+        draw, position = open_stream(cfg, ConversationBatches(table, processor, cfg, tasks), cfg["pool_scenes"],
+                                     state.get("stream") if state else None, device, rank, world)
+        return net, opt, params, lambda: [draw() for _ in range(accum)], position
     # in memory: every rank walks the same stream of micro-batches and takes its share (micro-batch
     # j of a step goes to rank j % world), so a step's global batch is the same set of conversations
     # on 1 process with grad_accum=a*N as on N processes with a each

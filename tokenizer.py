@@ -42,7 +42,7 @@ from common import (UserError, adamw, atomic_save, autocast, configure, init_dis
                     print0, progress, random_states, read_checkpoint, restore_random, run, set_lr, stop_early,
                     write_json)
 from data.masks import MaskBatches, MaskSet, data_spec, load_split, mask_sets
-from data.stream import Position, Stream, loader, resume_state, streamed
+from data.stream import open_stream, streamed
 from samtok import SAMTok, load_sam2_checkpoint
 
 # ----------------------------------------------------------------------------- config
@@ -377,15 +377,12 @@ def training_data(cfg, rank, world, gen, device, resumed):
         train_ms = MaskSet(load_split(cfg, "train"), cfg["image_size"])
         print0(f"data: in memory, {len(train_ms.images)} train images / {len(train_ms)} masks")
         return (lambda n: train_ms.gather(*train_ms.sample(n, cfg["masks_per_image"], gen))), train_ms, None
-    spec, cap = data_spec(cfg)
-    workers, B = cfg["num_workers"], cfg["batch_size"]
-    state = resume_state(resumed.get("stream") if resumed else None, world * max(workers, 1))
-    stream = Stream(spec, "train", MaskBatches(B, cfg["image_size"], cfg["masks_per_image"]), cfg["pool_batches"] * B,
-                    cfg["seed"], rank, world, state, limit=cfg["n_train"], max_masks=cap)
-    position, batches = Position(state), loader(stream, workers, device)
+    (spec, cap), workers, B = data_spec(cfg), cfg["num_workers"], cfg["batch_size"]
+    draw, position = open_stream(cfg, MaskBatches(B, cfg["image_size"], cfg["masks_per_image"]), cfg["pool_batches"] * B,
+                                 resumed.get("stream") if resumed else None, device, rank, world, spec, cap)
     print0(f"data: streamed from {cfg['data']} by {max(workers, 1)} reader{'s' * (workers > 1)} a rank, pools of "
            f"{cfg['pool_batches'] * B} images; the image features are computed every step")
-    return (lambda n: position.consumed(next(batches))), None, position
+    return (lambda n: draw()), None, position
 
 
 def resume(model, cfg, ckpt_path):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, atomic_save, autocast, iou, is_master, overlay, print0, progress, read_checkpoint,
+from common import (UserError, atomic_save, autocast, gather, iou, is_master, overlay, print0, progress, read_checkpoint,
                     read_json, resize_image, write_json)
 from data.tasks import ATTRS, absent_refs, conversations, scene_samples, scene_seed
 from samtok import MASK_END, MASK_START, mask_tokens, released_files, text_to_codes
@@ -536,10 +536,7 @@ def codes_table(mask_tok, cfg, split, n, shard=True):
     with autocast(mask_tok.device):
         for k, s in progress(read_split(cfg["data"], split, rank, world, limit=n), f"encoding {split} masks"):
             mine[k] = mask_tok.encode(s["image"], s["masks"]).cpu().short()
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine)
-        mine = {k: c for part in parts for k, c in part.items()}
+    mine = {k: c for part in gather(mine, world) for k, c in part.items()}
     if not mine:
         raise UserError(f"--data={cfg['data']}: no usable scene in the {split} split")
     keys = sorted(mine)
@@ -560,15 +557,30 @@ def codes_of(table, key):
     return table["codes"][table["start"][i]:table["start"][i + 1]]
 
 
-def scene_inputs(scene, key, table, cfg, tasks, extra_none, img):
-    """One scene's samples (data/tasks.py, each with img = its image's index) with the mask words
-    of its codes, and its image as the VLM sees it: image_size^2, or (image_size 0: a released
-    Qwen-VL's native resolution) as it is, with its own count of visual tokens."""
-    seed, codes = scene_seed(scene["id"]), codes_of(table, key)
-    if extra_none and "refs" in scene:      # more no-target phrases (data.tasks.absent_refs)
-        scene = dict(scene, refs=scene["refs"] + absent_refs(seed, scene, extra_none))
-    samples = [dict(x, img=img) for x in scene_samples(seed, scene, codes.long().numpy(), tasks)]
-    return samples, resize_image(scene["image"], cfg["image_size"]) if cfg["image_size"] else scene["image"], seed
+def scenes_inputs(items, table, cfg, tasks, extra_none=0, keep_masks=True):
+    """(key, scene) pairs -> (their images as the VLM sees them: image_size^2, or at image_size 0
+    (a released Qwen-VL's native resolution) as they are, each with its own count of visual
+    tokens; their samples (data/tasks.py, img = the scene's position) with the mask words of its
+    codes; the scenes as (seed, scene), masks dropped unless keep_masks; the keys). extra_none:
+    more no-target phrases a scene (data.tasks.absent_refs)."""
+    images, samples, scenes, keys = [], [], [], []
+    for k, (key, scene) in enumerate(items):
+        seed, codes = scene_seed(scene["id"]), codes_of(table, key)
+        if extra_none and "refs" in scene:
+            scene = dict(scene, refs=scene["refs"] + absent_refs(seed, scene, extra_none))
+        samples += [dict(x, img=k) for x in scene_samples(seed, scene, codes.long().numpy(), tasks)]
+        images.append(resize_image(scene["image"], cfg["image_size"]) if cfg["image_size"] else scene["image"])
+        scenes.append((seed, scene if keep_masks else {k: v for k, v in scene.items() if k != "masks"}))
+        keys.append(key)
+    return images, samples, scenes, keys
+
+
+def buckets(lengths, n, rng, whole=False):
+    """Length bucketing within a pool: indices sorted by length (ties in a random order), cut into
+    groups of n (whole: full groups only), the groups in a random order."""
+    order = sorted(rng.permutation(len(lengths)).tolist(), key=lambda j: lengths[j])
+    cuts = [order[a:a + n] for a in range(0, len(order) - (n - 1 if whole else 0), n)]
+    return [cuts[b] for b in rng.permutation(len(cuts)).tolist()]
 
 
 def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False, shard=True, table=None):
@@ -579,14 +591,8 @@ def load_world(split, n, mask_tok, cfg, tasks, extra_none=0, keep_masks=False, s
     split (the evaluation decodes against them at each image's own size) or when asked."""
     from data.stream import read_split
     table = table or codes_table(mask_tok, cfg, split, n, shard)
-    images, samples, scenes, keys = [], [], [], []
-    for k, (key, s) in enumerate(read_split(cfg["data"], split, limit=n)):
-        keys.append(key)
-        mine, image, seed = scene_inputs(s, key, table, cfg, tasks, extra_none if split == "train" else 0, k)
-        samples += mine
-        images.append(image)
-        keep = split != "train" or keep_masks
-        scenes.append((seed, s if keep else {k: v for k, v in s.items() if k != "masks"}))
+    images, samples, scenes, keys = scenes_inputs(read_split(cfg["data"], split, limit=n), table, cfg, tasks,
+                                                  extra_none if split == "train" else 0, split != "train" or keep_masks)
     if not scenes:
         raise UserError(f"--data={cfg['data']}: no usable scene in the {split} split")
     return (np.stack(images) if cfg["image_size"] else images), samples, scenes, [codes_of(table, k) for k in keys]
@@ -603,19 +609,15 @@ class ConversationBatches:
         self.table, self.processor, self.cfg, self.tasks = table, processor, cfg, tasks
 
     def __call__(self, scenes, rng):
-        cfg, images, samples = self.cfg, [], []
-        for k, s in enumerate(scenes):
-            mine, image, _ = scene_inputs(s, s["key"], self.table, cfg, self.tasks, cfg["extra_none"], k)
-            samples += mine
-            images.append(image)
+        cfg = self.cfg
+        images, samples, _, _ = scenes_inputs(((s["key"], s) for s in scenes), self.table, cfg, self.tasks,
+                                              cfg["extra_none"], keep_masks=False)
         convs, dropped = tokenize(conversations(samples, cfg["turns"], int(rng.integers(1 << 31))), images,
                                   self.processor, cfg["max_len"]) if samples else ([], 0)
-        order = sorted(rng.permutation(len(convs)).tolist(), key=lambda j: len(convs[j]["ids"]))
-        cuts = [order[a:a + cfg["batch_size"]] for a in range(0, len(order), cfg["batch_size"])]
         out = []
-        for b in rng.permutation(len(cuts)).tolist():
-            batch, labels = collate([convs[j] for j in cuts[b]], images, self.processor)
-            out.append(dict(batch=batch, labels=labels, n_tok=sum(sum(convs[j]["in_loss"]) for j in cuts[b]),
+        for cut in buckets([len(c["ids"]) for c in convs], cfg["batch_size"], rng):
+            batch, labels = collate([convs[j] for j in cut], images, self.processor)
+            out.append(dict(batch=batch, labels=labels, n_tok=sum(sum(convs[j]["in_loss"]) for j in cut),
                             dropped=dropped if not out else 0))
         return out
 
@@ -655,20 +657,14 @@ class PromptBatches:
         self.table, self.processor, self.cfg, self.tasks, self.n = table, processor, cfg, tasks, n
 
     def __call__(self, items, rng):
-        cfg, n, images, samples, scenes = self.cfg, self.n, [], [], []
-        for k, s in enumerate(items):
-            mine, image, seed = scene_inputs(s, s["key"], self.table, cfg, self.tasks, 0, k)
-            samples += mine
-            images.append(image)
-            scenes.append((seed, s if cfg["reward"] == "iou" else {k: v for k, v in s.items() if k != "masks"}))
+        images, samples, scenes, _ = scenes_inputs(((s["key"], s) for s in items), self.table, self.cfg, self.tasks,
+                                                   keep_masks=self.cfg["reward"] == "iou")
         prompts = segmentation_prompts(samples, scenes)
         prompts = tokenize_prompts(prompts, images, self.processor) if prompts else []
-        order = sorted(rng.permutation(len(prompts)).tolist(), key=lambda j: len(prompts[j]["ids"]))
-        cuts = [order[a:a + n] for a in range(0, len(order) - n + 1, n)]
         out = []
-        for b in rng.permutation(len(cuts)).tolist():
-            used = list(dict.fromkeys(prompts[j]["img"] for j in cuts[b]))
-            out.append(dict(prompts=[dict(prompts[j], img=used.index(prompts[j]["img"])) for j in cuts[b]],
+        for cut in buckets([len(p["ids"]) for p in prompts], self.n, rng, whole=True):
+            used = list(dict.fromkeys(prompts[j]["img"] for j in cut))
+            out.append(dict(prompts=[dict(prompts[j], img=used.index(prompts[j]["img"])) for j in cut],
                             images=[images[i] for i in used], scenes=[scenes[i] for i in used]))
         return out
 
@@ -686,17 +682,14 @@ def prompt_batches(cfg, processor, mask_tok, state, device, memory=None, step=0)
         images, prompts, scenes = memory
         order = micro_batches([len(p["ids"]) for p in prompts], n, cfg["seed"], 16, skip=step)
         return (lambda: (prompts, images, scenes, next(order))), None
-    from data.stream import Position, Stream, loader, resume_state
-    table = codes_table(mask_tok, cfg, "train", cfg["n_train"])
-    at = resume_state(state.get("stream") if state else None, max(cfg["num_workers"], 1))
-    make = PromptBatches(table, processor, cfg, tuple(cfg["tasks"].split(",")), n)
-    stream = Stream(cfg["data"], "train", make, cfg["pool_scenes"], cfg["seed"], 0, 1, at, limit=cfg["n_train"])
-    position, batches = Position(at), loader(stream, cfg["num_workers"], device)
+    from data.stream import open_stream
+    make = PromptBatches(codes_table(mask_tok, cfg, "train", cfg["n_train"]), processor, cfg, tuple(cfg["tasks"].split(",")), n)
+    draw, position = open_stream(cfg, make, cfg["pool_scenes"], state.get("stream") if state else None, device)
 
-    def draw():
-        b = position.consumed(next(batches))
+    def step_batch():
+        b = draw()
         return b["prompts"], b["images"], b["scenes"], range(len(b["prompts"]))
-    return draw, position
+    return step_batch, position
 
 
 def gt_union(scene, targets):

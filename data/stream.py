@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from common import UserError, print0
+from common import UserError, gather, print0
 
 
 def streamed(cfg):
@@ -64,19 +64,27 @@ class Take:
         return self.local >= self.start
 
 
-def read_split(spec, split, shard=0, n=1, limit=0, max_masks=0, skipped=None):
+def _scenes(part, split, max_masks, take):
+    """The scenes one part of a spec gives through take, up to its end or take's limit."""
+    from data import open_dataset
+    it = open_dataset(part, Counter(), split, max_masks, take=take)
+    while True:
+        try:
+            yield next(it)
+        except (StopIteration, Exhausted):
+            return
+
+
+def read_split(spec, split, shard=0, n=1, limit=0, max_masks=0):
     """One pass over a split, this shard's items only: (key, scene) pairs, key as in Stream (the
     item's number in its reader, times the parts, plus its part); a mixture's parts in turn."""
-    from data import open_dataset
     parts = spec.split(",")
     takes = [Take(shard, n, limit=limit) for _ in parts]
-    its = {i: open_dataset(p, Counter() if skipped is None else skipped, split, max_masks, take=t)
-           for i, (p, t) in enumerate(zip(parts, takes))}
+    its = {i: _scenes(p, split, max_masks, t) for i, (p, t) in enumerate(zip(parts, takes))}
     while its:
         for i in list(its):
-            try:
-                scene = next(its[i])
-            except (StopIteration, Exhausted):
+            scene = next(its[i], None)
+            if scene is None:
                 del its[i]
                 continue
             yield takes[i].k * len(parts) + i, scene
@@ -104,16 +112,11 @@ class Stream(IterableDataset):
 
     def _pools(self, part, shard, n, epoch, start_pool):
         """(pool, items) of one part for this shard and epoch, from pool start_pool on."""
-        from data import open_dataset
         P, parts = self.pool, len(self.parts)
         off = int(np.random.default_rng([self.seed, epoch, part]).integers(P))
         take = Take(shard, n, epoch, start=max(0, start_pool * P - off), limit=self.limit)
-        it, pool, items = open_dataset(self.parts[part], Counter(), self.split, self.max_masks, take=take), None, []
-        while True:
-            try:
-                scene = next(it)
-            except (StopIteration, Exhausted):
-                break
+        pool, items = None, []
+        for scene in _scenes(self.parts[part], self.split, self.max_masks, take):
             p = (take.local + off) // P
             if p != pool and items:
                 yield pool, items
@@ -166,11 +169,8 @@ class Position:
     def gathered(self):
         """Every rank's state merged (a collective under torchrun: call it on every rank)."""
         import torch.distributed as dist
-        if not dist.is_initialized():
-            return dict(self.state)
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self.state)
-        return {k: v for p in parts for k, v in p.items()}
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {k: v for p in gather(self.state, world) for k, v in p.items()}
 
 
 def loader(stream, workers, device, prefetch=2):
@@ -194,6 +194,18 @@ def loader(stream, workers, device, prefetch=2):
             yield batch
     except UserError as e:          # a worker's: torch re-raises it with the worker's traceback in the text
         raise UserError(str(e).strip().splitlines()[-1].removeprefix("common.UserError: ")) from None
+
+
+def open_stream(cfg, make_batches, pool, saved, device, rank=0, world=1, spec=None, max_masks=0):
+    """A stage's training stream: the first n_train items of the train split of --data (or spec),
+    read by cfg's num_workers a rank, positioned where a resumed run stopped (saved: the
+    checkpoint's Position.state, or None). -> (draw() -> the next batch, counted as consumed;
+    its Position)."""
+    state = resume_state(saved, world * max(cfg["num_workers"], 1))
+    stream = Stream(spec or cfg["data"], "train", make_batches, pool, cfg["seed"], rank, world, state, cfg["n_train"],
+                    max_masks)
+    position, batches = Position(state), loader(stream, cfg["num_workers"], device)
+    return (lambda: position.consumed(next(batches))), position
 
 
 def _as_is(batch):
