@@ -25,6 +25,7 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from common import (UserError, atomic_save, autocast, gather, iou, is_master, overlay, print0, progress, read_checkpoint,
                     read_json, resize_image, write_json)
@@ -210,6 +211,47 @@ def banned_tokens(processor, rows, device):
     return bias
 
 
+def lean_decoding(model):
+    """Whether decode_step can stand in for the model's forward: plain (not FSDP-sharded) weights,
+    sdpa or eager attention, every layer full attention, rope without a length-dependent scaling."""
+    from torch.distributed.fsdp import FSDPModule
+    lm = model.model.language_model
+    return (not isinstance(model, FSDPModule) and model.config._attn_implementation in ("sdpa", "eager")
+            and not getattr(lm.config, "use_sliding_window", False)
+            and set(getattr(lm.config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+            and getattr(lm.rotary_emb, "rope_type", "default") == "default")
+
+
+def decode_step(model, cache, new, positions, att):
+    """One token of every row, the model's own modules wired by hand: the logits (rows, V) of the
+    next token after new (rows,), at text positions (rows,), attending to the cache and itself
+    under att (rows, S + 1), the cache grown in place. The same arithmetic as the model's forward
+    (tested equal), without its per-call machinery (mask building, cache classes, output
+    records, rope for three axes): a tiny preset's decode step is nearly all of that machinery,
+    ~6 ms a token whether 1 row or 16 are still writing. For a text token M-RoPE's three
+    position axes (time, height, width) are equal, so its rotation is plain RoPE at that position."""
+    lm, rows = model.model.language_model, len(new)
+    rot = lm.rotary_emb
+    freqs = positions[:, None].float() * rot.inv_freq.to(positions.device)[None]        # (rows, d / 2)
+    emb = torch.cat([freqs, freqs], -1)[:, None, None]                                    # (rows, 1, 1, d)
+    cos, sin = emb.cos() * rot.attention_scaling, emb.sin() * rot.attention_scaling
+    rotate = lambda x: x * cos + torch.cat([-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]], -1) * sin
+    mask = att.bool()[:, None, None]                                                      # (rows, 1, 1, S + 1)
+    h = lm.embed_tokens(new[:, None])                                                     # (rows, 1, hidden)
+    for layer, kv in zip(lm.layers, cache.layers):
+        a, x = layer.self_attn, layer.input_layernorm(h)
+        q, k, v = (proj(x).view(rows, 1, -1, a.head_dim) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        if hasattr(a, "q_norm"):                      # Qwen3-VL normalises each head's query and key
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k, v = rotate(q.transpose(1, 2)), rotate(k.transpose(1, 2)), v.transpose(1, 2)
+        kv.keys, kv.values = torch.cat([kv.keys, k.to(kv.keys.dtype)], -2), torch.cat([kv.values, v.to(kv.values.dtype)], -2)
+        o = F.scaled_dot_product_attention(q.to(kv.keys.dtype), kv.keys, kv.values, attn_mask=mask, scale=a.scaling,
+                                           enable_gqa=True)
+        h = h + a.o_proj(o.transpose(1, 2).reshape(rows, 1, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(lm.norm(h))[:, -1]
+
+
 @torch.no_grad()
 def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, generator, sync=False, visual=None):
     """G sampled completions for each prompt (prompt 0's G first): dicts with ids (token ids, ending
@@ -236,24 +278,39 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
     logits = out.logits[:, -1].repeat_interleave(G, 0)
     bias = banned_tokens(processor, logits.shape[-1], logits.device)
     done = torch.zeros(N, dtype=torch.bool, device=model.device)
-    tokens, logps = [], []
+    live = torch.arange(N, device=model.device)   # the rows still in the decoding batch, as indices of all N
+    lean = lean_decoding(model)
+    tokens = torch.full((N, max_new_tokens), text_tok.pad_token_id, device=model.device)
+    logps = torch.zeros(N, max_new_tokens, device=model.device)
     for t in range(max_new_tokens):
         logprobs = torch.log_softmax(logits.float() / temperature + bias, -1)
         new = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
-        new = torch.where(done, text_tok.pad_token_id, new)
-        tokens.append(new)
-        logps.append(logprobs.gather(1, new[:, None]).squeeze(1))
-        done = done | torch.isin(new, eos)
+        new = torch.where(done[live], text_tok.pad_token_id, new)
+        tokens[live, t], logps[live, t] = new, logprobs.gather(1, new[:, None]).squeeze(1)
+        done[live] |= torch.isin(new, eos)
         left = (~done).sum()
         if sync:
             dist.all_reduce(left)
         if left == 0 or t == max_new_tokens - 1:
             break
+        # Answers end at very different lengths ("No target." in 4 tokens, six masks in 25): a
+        # finished row leaves the batch, its cache row with it, so a decode step costs the rows
+        # still writing, not all N (a mean of ~5 tokens against a longest of ~25 in the tiny
+        # preset: about a fifth of the work). Under sync a rank left with no row keeps one, whose
+        # tokens are thrown away, to run the forwards the other ranks run.
+        keep = (~done[live]).nonzero().squeeze(1)
+        if len(keep) == 0:
+            keep = keep.new_zeros(1)
+        if len(keep) < len(live):
+            cache.batch_select_indices(keep)
+            live, att, nxt, new = live[keep], att[keep], nxt[keep], new[keep]
         att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
-        out = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, N, 1).expand(3, N, 1),
-                    cache=cache, use_cache=True)
-        logits = out.logits[:, -1]
-    tokens, logps, ends = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist(), set(eos.tolist())
+        if lean:
+            logits = decode_step(model, cache, new, nxt + t, att)
+        else:
+            logits = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, -1, 1).expand(3, -1, 1),
+                           cache=cache, use_cache=True).logits[:, -1]
+    tokens, logps, ends = tokens[:, :t + 1].tolist(), logps[:, :t + 1].tolist(), set(eos.tolist())
     comps = []
     for row, lp in zip(tokens, logps):
         end = next((i for i, x in enumerate(row) if x in ends), None)
@@ -280,19 +337,23 @@ def completion_logps(model, batch, n_comp, temperature, bias):
 def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, temperature, bias):
     """log pi(o_t | q, o_<t) of every completion token, (N, L) left-aligned (token t in column t,
     comp_mask 1 on real tokens), with each PROMPT run once however many of its completions the
-    batch holds. The shared prefix, where it happens:
+    batch holds, and no completion padded to the longest. The shared prefix, where it happens:
       1. the B distinct prompts (image included) run once, with gradients when grad is enabled,
          and leave their key/value cache and the logits of their last position (which predict
          each completion's first token);
-      2. the cache is indexed to the N completion rows (row_of: the prompt of each row), an
-         index_select, so in backward each prompt receives the SUM of its completions' gradients;
-      3. the N completions run on that cache, their M-RoPE positions continuing the prompt's text
-         positions (the next one after its largest), as the unshared forward would number them.
+      2. the B cached prompts are laid end to end as ONE sequence of B * P keys, and the N
+         completions' real tokens end to end as one sequence of T = sum of lengths queries: a
+         packed row, with a (T, B * P + T) mask that lets a token see its own prompt (its padding
+         excepted) and the earlier tokens of its own completion, nothing else;
+      3. that row runs on the laid-out cache, each token at its M-RoPE position, the next text
+         position after its prompt's largest plus its index, as the unshared forward would number
+         it. In backward every prompt key receives the SUM of its completions' gradients.
     Cost: a prompt of P tokens (~50 with a 16-token image in the tiny preset, ~1,000 at 448 px) and
-    G completions of ~L tokens cost G * (P + L) token-forwards unshared, P + G * L shared: with
-    P = 50, L = 5, G = 8, 440 against 90, and 16 * 1,512 against 1,000 + 16 * 512 at the paper's
-    scale; the backward shrinks the same way. Attention is exact: the completions attend to the
-    same keys and values, under the same padding mask, as in one forward over prompt + completion."""
+    G completions of mean length l and longest L cost G * (P + L) token-forwards unshared, and
+    P + G * l here: with P = 50, l = 6, L = 25, G = 8, 600 against 98; at the paper's scale, G = 16
+    and L = 512, 16 * 1,512 against 1,000 + 16 * l; the backward shrinks the same way. Attention
+    is exact: each token attends to the keys and values it would see in one forward over its own
+    prompt + completion. (The mask is a custom 4D one: sdpa or eager attention, the default.)"""
     model = unwrap(net)
     pos, _ = model.model.get_rope_index(prompt_inputs["input_ids"], prompt_inputs["mm_token_type_ids"],
                                         image_grid_thw=prompt_inputs["image_grid_thw"],
@@ -303,16 +364,31 @@ def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, tempera
     cache = out.cache
     if cache is None or cache.get_seq_length() == 0:    # gradient checkpointing drops the cache in training
         raise RuntimeError("the prompt forward kept no key/value cache: the shared prefix needs use_cache")
-    cache.batch_select_indices(row_of)                                    # (B, ...) -> (N, ...) rows
+    B, P = prompt_inputs["attention_mask"].shape
+    for layer in cache.layers:                          # (B, heads, P, d) -> (1, heads, B * P, d)
+        layer.keys, layer.values = (x.transpose(0, 1).reshape(1, x.shape[1], B * P, x.shape[-1]) for x in (layer.keys, layer.values))
+    # the packed row: real tokens only, row by row; for each, its row, its index, its prompt
     N, L = comp_ids.shape
-    att = torch.cat([prompt_inputs["attention_mask"][row_of], comp_mask.long()], 1)
-    nxt = pos.amax(dim=(0, 2))[row_of] + 1                                # (N,) the next text position
-    positions = (nxt[:, None] + torch.arange(L, device=nxt.device)).view(1, N, L).expand(3, N, L)
-    rest = net(input_ids=comp_ids, attention_mask=att, position_ids=positions, cache=cache, use_cache=True,
-               logits_to_keep=L).logits[:, :-1]                           # token t predicts t + 1
-    first = out.logits[:, -1:][row_of]                                    # predicts each completion's token 0
-    logits = torch.cat([first, rest], 1).float() / temperature + bias
-    return logits.gather(-1, comp_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    real = comp_mask.bool()
+    row, t = real.nonzero(as_tuple=True)                                  # (T,) each, row-major
+    ids = comp_ids[row, t][None]                                          # (1, T)
+    positions = (pos.amax(dim=(0, 2))[row_of[row]] + 1 + t).view(1, 1, -1).expand(3, 1, -1)
+    sees_prompt = (row_of[row][:, None] == torch.arange(B, device=ids.device).repeat_interleave(P)) \
+        & prompt_inputs["attention_mask"].bool().flatten()                 # (T, B * P)
+    sees_comp = (row[:, None] == row) & (t[:, None] >= t)                 # (T, T): own completion, causal
+    mask = torch.cat([sees_prompt, sees_comp], 1)[None, None]             # (1, 1, T, B * P + T)
+    logits_packed = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits[0]
+    # token 0 of a row is predicted by its prompt's last position, token t + 1 by its token t in
+    # the packed row; only the T + N rows of logits that predict a token are normalised, never (N, L, V)
+    def score(lg, target):
+        z = lg.float() / temperature + bias
+        return z.gather(1, target[:, None]).squeeze(1) - z.logsumexp(-1)
+    lp = torch.zeros(N, L, device=ids.device)
+    lp[:, 0] = score(out.logits[:, -1][row_of], comp_ids[:, 0])
+    r, t = real[:, 1:].nonzero(as_tuple=True)                            # token t + 1 of row r exists
+    start = real.sum(1).cumsum(0) - real.sum(1)                           # each row's first index in the packed row
+    lp[r, t + 1] = score(logits_packed[start[r] + t], comp_ids[r, t + 1])
+    return lp
 
 
 def completion_batch(rows, prompts, images, processor, share_prefix, device, visual=None):

@@ -312,6 +312,34 @@ def test_shared_prefix_equals_the_unshared_forward(world, model_type, per_batch)
             assert torch.allclose(g_u[k], g_s[k], atol=1e-5, rtol=1e-4), (k, (g_u[k] - g_s[k]).abs().max())
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_decode_step_is_the_model_forward(world, model_type):
+    """Sampling's hand-wired decode step gives the logits and the grown cache of the model's own
+    forward on the same cache, in fp32: left-padded prompts, rows at different text positions,
+    a few tokens in a row."""
+    images, samples, scenes, cfg = world
+    model, processor = build(cfg, model_type=model_type)
+    sft.add_mask_tokens(model, processor)
+    model.eval()
+    assert vlm.lean_decoding(model)
+    prompts = grpo.tokenize_prompts([s for s in samples if s["task"] == "refer"][:3], images, processor)
+    inputs, _ = vlm.collate(prompts, images, processor, left_pad=True)
+    assert inputs["attention_mask"].min() == 0                       # padded: prompts of several lengths
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    nxt, att = pos.amax(dim=(0, 2)) + 1, inputs["attention_mask"]
+    with torch.no_grad():
+        caches = [model(**inputs, position_ids=pos, use_cache=True).cache for _ in range(2)]
+        for t, new in enumerate(torch.tensor([[5, 9, 40], [7, 7, 3], [100, 2, 11]])):
+            att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
+            hf = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, -1, 1).expand(3, -1, 1),
+                       cache=caches[0], use_cache=True).logits[:, -1]
+            lean = vlm.decode_step(model, caches[1], new, nxt + t, att)
+            assert torch.allclose(hf, lean, atol=1e-5), (hf - lean).abs().max()
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+
+
 def full_rows(model):
     return model.get_output_embeddings().weight.shape[0]
 
