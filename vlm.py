@@ -227,9 +227,9 @@ def decode_step(model, cache, new, positions, att):
     next token after new (rows,), at text positions (rows,), attending to the cache and itself
     under att (rows, S + 1), the cache grown in place. The same arithmetic as the model's forward
     (tested equal), without its per-call machinery (mask building, cache classes, output
-    records, rope for three axes): a tiny preset's decode step is nearly all of that machinery,
-    ~6 ms a token whether 1 row or 16 are still writing. For a text token M-RoPE's three
-    position axes (time, height, width) are equal, so its rotation is plain RoPE at that position."""
+    records, rope for three axes), which weighs in a small model's one-token step, where the
+    matmuls are tiny. For a text token M-RoPE's three position axes (time, height, width) are
+    equal, so its rotation is plain RoPE at that position."""
     lm, rows = model.model.language_model, len(new)
     rot = lm.rotary_emb
     freqs = positions[:, None].float() * rot.inv_freq.to(positions.device)[None]        # (rows, d / 2)
@@ -244,7 +244,8 @@ def decode_step(model, cache, new, positions, att):
         if hasattr(a, "q_norm"):                      # Qwen3-VL normalises each head's query and key
             q, k = a.q_norm(q), a.k_norm(k)
         q, k, v = rotate(q.transpose(1, 2)), rotate(k.transpose(1, 2)), v.transpose(1, 2)
-        kv.keys, kv.values = torch.cat([kv.keys, k.to(kv.keys.dtype)], -2), torch.cat([kv.values, v.to(kv.values.dtype)], -2)
+        kv.keys = torch.cat([kv.keys, k.to(kv.keys.dtype)], -2)
+        kv.values = torch.cat([kv.values, v.to(kv.values.dtype)], -2)
         o = F.scaled_dot_product_attention(q.to(kv.keys.dtype), kv.keys, kv.values, attn_mask=mask, scale=a.scaling,
                                            enable_gqa=True)
         h = h + a.o_proj(o.transpose(1, 2).reshape(rows, 1, -1))
@@ -258,9 +259,10 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
     with the end-of-turn token unless cut at max_new_tokens: finished False) and logps (each
     token's log-prob under the sampling distribution, softmax(logits / temperature)). The prompt - image included - is
     encoded once: one prefill over the B prompts, then the KV cache is repeated G times (B*G rows)
-    and the completions are sampled token by token on it. Positions are M-RoPE's: the prompt's come
-    from the model's own get_rope_index (2D for the image, 1D for text), and each new token takes
-    the next text position, as a forward over the whole sequence would give it.
+    and the completions are sampled token by token on it (decode_step), a finished row leaving
+    the batch. Positions are M-RoPE's: the prompt's come from the model's own get_rope_index (2D
+    for the image, 1D for text), and each new token takes the next text position, as a forward
+    over the whole sequence would give it.
     sync: under FSDP every rank must run the same number of forwards, so all ranks decode until
     every rank is done. visual: a frozen tower's tokens (visual_tokens), passed instead of pixels."""
     text_tok = processor.tokenizer
@@ -308,8 +310,8 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
         if lean:
             logits = decode_step(model, cache, new, nxt + t, att)
         else:
-            logits = model(input_ids=new[:, None], attention_mask=att, position_ids=(nxt + t).view(1, -1, 1).expand(3, -1, 1),
-                           cache=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=new[:, None], attention_mask=att, cache=cache, use_cache=True,
+                           position_ids=(nxt + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]
     tokens, logps, ends = tokens[:, :t + 1].tolist(), logps[:, :t + 1].tolist(), set(eos.tolist())
     comps = []
     for row, lp in zip(tokens, logps):
@@ -366,7 +368,8 @@ def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, tempera
         raise RuntimeError("the prompt forward kept no key/value cache: the shared prefix needs use_cache")
     B, P = prompt_inputs["attention_mask"].shape
     for layer in cache.layers:                          # (B, heads, P, d) -> (1, heads, B * P, d)
-        layer.keys, layer.values = (x.transpose(0, 1).reshape(1, x.shape[1], B * P, x.shape[-1]) for x in (layer.keys, layer.values))
+        layer.keys, layer.values = (x.transpose(0, 1).reshape(1, x.shape[1], B * P, x.shape[-1])
+                                    for x in (layer.keys, layer.values))
     # the packed row: real tokens only, row by row; for each, its row, its index, its prompt
     N, L = comp_ids.shape
     real = comp_mask.bool()
@@ -377,7 +380,7 @@ def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, tempera
         & prompt_inputs["attention_mask"].bool().flatten()                 # (T, B * P)
     sees_comp = (row[:, None] == row) & (t[:, None] >= t)                 # (T, T): own completion, causal
     mask = torch.cat([sees_prompt, sees_comp], 1)[None, None]             # (1, 1, T, B * P + T)
-    logits_packed = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits[0]
+    packed = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits[0]
     # token 0 of a row is predicted by its prompt's last position, token t + 1 by its token t in
     # the packed row; only the T + N rows of logits that predict a token are normalised, never (N, L, V)
     def score(lg, target):
@@ -387,7 +390,7 @@ def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, tempera
     lp[:, 0] = score(out.logits[:, -1][row_of], comp_ids[:, 0])
     r, t = real[:, 1:].nonzero(as_tuple=True)                            # token t + 1 of row r exists
     start = real.sum(1).cumsum(0) - real.sum(1)                           # each row's first index in the packed row
-    lp[r, t + 1] = score(logits_packed[start[r] + t], comp_ids[r, t + 1])
+    lp[r, t + 1] = score(packed[start[r] + t], comp_ids[r, t + 1])
     return lp
 
 
