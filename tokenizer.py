@@ -26,8 +26,8 @@ Run it:
 Any option is --key=value (python tokenizer.py --help lists them); --resume=true continues from
 out_dir/ckpt.pt, the data stream included. Any --data on disk streams (data/stream.py:
 --num_workers readers a rank, nothing kept that grows with the data); the shapes world of the
-tiny preset is held in memory with its cache of image features. Writes out_dir/ckpt.pt (weights + config), out_dir/metrics.json and
-out_dir/recon.png (per test scene: image, input masks, 2-code and level-1-only rebuilds).
+tiny preset is held in memory with its cache of image features. Writes out_dir/ckpt.pt (weights
++ config), out_dir/metrics.json and out_dir/recon.png (per test scene: image, input masks, 2-code and level-1-only rebuilds).
 """
 
 import os

@@ -113,9 +113,10 @@ def micro_batches(lengths, batch_size, seed, pool, skip=0):
     """Endless stream of micro-batches (lists of sample indices) with little padding: shuffle,
     cut into pools of `pool` micro-batches, sort each pool by length, cut it into micro-batches
     of similar lengths, shuffle their order. Every rank draws the same stream from the seed.
-    Length bucketing rather than packing: packing several conversations into one row would
-    need per-conversation attention masks and M-RoPE restarts, which only FlashAttention's
-    varlen path gives; sorted pools already keep padding small (docs/LOG.md). skip: micro-batches
+    Length bucketing rather than packing: several conversations in one row would need a mask
+    that keeps each to itself (a dense one grows with the square of the row, as in GRPO's
+    shared_prefix_logps, where a step's answers are short) and M-RoPE restarts; sorted pools
+    already keep padding under 1 % (docs/LOG.md). skip: micro-batches
     of the stream to pass over first, so a resumed run continues where it stopped."""
     epoch = 0
     while True:
@@ -296,9 +297,8 @@ def rollout(model, processor, prompts, images, G, max_new_tokens, temperature, g
         if left == 0 or t == max_new_tokens - 1:
             break
         # Answers end at very different lengths ("No target." in 4 tokens, six masks in 25): a
-        # finished row leaves the batch, its cache row with it, so a decode step costs the rows
-        # still writing, not all N (a mean of ~5 tokens against a longest of ~25 in the tiny
-        # preset: about a fifth of the work). Under sync a rank left with no row keeps one, whose
+        # finished row leaves the batch, its cache row with it, so a decode step computes the
+        # rows still writing, not all N. Under sync a rank left with no row keeps one, whose
         # tokens are thrown away, to run the forwards the other ranks run.
         keep = (~done[live]).nonzero().squeeze(1)
         if len(keep) == 0:
@@ -380,17 +380,19 @@ def shared_prefix_logps(net, prompt_inputs, row_of, comp_ids, comp_mask, tempera
         & prompt_inputs["attention_mask"].bool().flatten()                 # (T, B * P)
     sees_comp = (row[:, None] == row) & (t[:, None] >= t)                 # (T, T): own completion, causal
     mask = torch.cat([sees_prompt, sees_comp], 1)[None, None]             # (1, 1, T, B * P + T)
-    packed = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits[0]
     # token 0 of a row is predicted by its prompt's last position, token t + 1 by its token t in
-    # the packed row; only the T + N rows of logits that predict a token are normalised, never (N, L, V)
+    # the packed row: only those positions reach the LM head (never an (N, L, V) tensor)
+    r, t = real[:, 1:].nonzero(as_tuple=True)                            # token t + 1 of row r exists
+    start = real.sum(1).cumsum(0) - real.sum(1)                           # each row's first index in the packed row
+    packed = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                 logits_to_keep=start[r] + t).logits[0]                   # (T - N, V), in the order of (r, t)
+
     def score(lg, target):
         z = lg.float() / temperature + bias
         return z.gather(1, target[:, None]).squeeze(1) - z.logsumexp(-1)
     lp = torch.zeros(N, L, device=ids.device)
     lp[:, 0] = score(out.logits[:, -1][row_of], comp_ids[:, 0])
-    r, t = real[:, 1:].nonzero(as_tuple=True)                            # token t + 1 of row r exists
-    start = real.sum(1).cumsum(0) - real.sum(1)                           # each row's first index in the packed row
-    lp[r, t + 1] = score(packed[start[r] + t], comp_ids[r, t + 1])
+    lp[r, t + 1] = score(packed, comp_ids[r, t + 1])
     return lp
 
 
@@ -755,7 +757,8 @@ def prompt_batches(cfg, processor, mask_tok, state, device, memory=None, step=0)
     steps a resumed run trained). Else streamed (data.stream): the codes pass (sharded over the
     ranks), then batches of batch_size / G prompts with their own images (PromptBatches) read by
     the DataLoader workers. Every rank reads the same prompts either way: all ranks know a
-    step's prompts, sample their share of the groups and gather the rest; a step reads ~16 images."""
+    step's prompts, sample their share of the groups and gather the rest; a step reads the
+    images of its batch_size / G prompts, no more."""
     n = cfg["batch_size"] // cfg["num_generations"]
     if memory is not None:
         images, prompts, scenes = memory

@@ -232,7 +232,8 @@ def resume_state(state, n_shards):
     """A saved Position.state for a run with n_shards shards; another count of shards cannot
     continue the same streams, so it starts them again (with a line saying so)."""
     if state and any(at[5] != n_shards for at in state.values()):
-        print0(f"the data stream was saved for {next(iter(state.values()))[5]} shards (ranks x workers), this run has {n_shards}: "
-              "it starts from the beginning of the data")
+        saved = next(iter(state.values()))[5]
+        print0(f"the data stream was saved for {saved} shards (ranks x workers), this run has {n_shards}: "
+               "it starts from the beginning of the data")
         return {}
     return state or {}
