@@ -801,7 +801,10 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
       of the object right in the generated region caption (mean over the three);
     tokenizer_ceiling_miou: the same mIoU with decode(encode(targets)): what perfect words give;
     refer_right_object (overall, _tiny < 1.2 % of the image, _medium, _big > 10 %): single-target
-      prompts whose prediction overlaps the target best of the scene's objects, with IoU > 0.3.
+      prompts whose prediction overlaps the target best of the scene's objects, with IoU > 0.3;
+    refer_level1_exact: single-target prompts whose first word is the tokenizer's level-1 code;
+      refer_miou_single_given_level1: their mIoU with that word put in place of the generated one
+      (the generated level-2 word kept; no mask = 0): how much of the gap is the first word.
     Masks and metrics are at each scene's own size, whatever size the VLM saw the image at."""
     was_training = model.training
     model.eval()
@@ -828,11 +831,20 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
         by_scene.setdefault(s["img"], []).append(k)
     pred_masks, ious, inter, union = [None] * len(refer), np.zeros(len(refer)), 0, 0
     ceiling, right = np.zeros(len(refer)), {}          # right: single-target prompt -> (right object?, size)
+    # which of the two words fails: a single-target answer's first mask again, with the tokenizer's
+    # own level-1 word in place of the generated one (the generated level-2 word kept)
+    level1 = {k: int(codes[s["img"]][s["targets"][0], 0]) for k, s in enumerate(refer)
+              if len(s["targets"]) == 1 and pred_codes[k]}
+    swapped = {}
     for img, ks in progress(by_scene.items(), "decoding masks"):
         image, gt_masks = scenes[img][1]["image"], scenes[img][1]["masks"]
         empty = np.zeros(image.shape[:2], bool)          # no target / no prediction, at the scene's size
-        flat = [c for k in ks for c in pred_codes[k]]
+        mine = [k for k in ks if k in level1]
+        flat = [c for k in ks for c in pred_codes[k]] + [[level1[k], pred_codes[k][0][1]] for k in mine]
         dec = mask_tok.decode(image, np.array(flat).reshape(-1, 2)) if flat else empty[None, :0]
+        for j, k in enumerate(mine):
+            t = refer[k]["targets"]
+            swapped[k] = iou(dec[len(flat) - len(mine) + j][None], gt_masks[t])[0]
         rebuilt = mask_tok.decode(image, codes[img].long().numpy())   # decode(encode(GT)), per object
         pos = 0
         for k in ks:
@@ -858,6 +870,7 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
     # (A near miss can still decode to a good mask: neighbouring codes of the same colour often
     # paint the same object, which is why mIoU can run ahead of this number.)
     exact = [pred_codes[k] == text_to_codes(s["answer"]) for k, s in enumerate(refer) if s["targets"]]
+    single = [k for k, s in enumerate(refer) if len(s["targets"]) == 1]
     # region captions: which colour / shape / size word the caption uses, against the object's
     attr_hits = []
     for s, text in zip(caps, cap_text):
@@ -873,6 +886,9 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
         caption_attr_acc=float(np.mean(attr_hits)) if attr_hits else None,
         tokenizer_ceiling_miou=float(ceiling.mean()),
         **{"refer_right_object" + (f"_{z}" if z else ""): float(np.mean(v)) if v else None for z, v in hits.items()},
+        refer_level1_exact=float(np.mean([k in level1 and level1[k] == pred_codes[k][0][0] for k in single]))
+        if single else None,
+        refer_miou_single_given_level1=float(np.mean([swapped.get(k, 0.0) for k in single])) if single else None,
         eval_scenes=n, eval_refer=len(refer), eval_captions=len(caps), eval_generate_seconds=gen_seconds)
     if gallery:
         shown = [k for k in range(len(refer)) if refer[k]["targets"]][:8]

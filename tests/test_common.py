@@ -25,7 +25,7 @@ import infer  # noqa: E402
 import sft  # noqa: E402
 import tokenizer  # noqa: E402
 import vlm  # noqa: E402
-from common import UserError, configure, read_checkpoint  # noqa: E402
+from common import UserError, configure, iou, read_checkpoint  # noqa: E402
 from conftest import TINY, build  # noqa: E402  (and the tok_ckpt fixture)
 from data.coco import split_of  # noqa: E402
 from data.jsonl import rle_encode  # noqa: E402
@@ -403,3 +403,33 @@ def test_right_object_is_the_best_overlapping_object(nonsquare, tok_ckpt, monkey
     for size in ("tiny", "medium", "big"):
         want = [r for r, z in expect if z == size]
         assert m[f"refer_right_object_{size}"] == (float(np.mean(want)) if want else None), size
+
+
+def test_level1_metrics_say_which_word_fails(nonsquare, tok_ckpt, monkeypatch):
+    """refer_level1_exact and refer_miou_single_given_level1: scripted single-target answers write
+    the tokenizer's words, a wrong level-1 word with the right level-2 one, or nothing; with the
+    tokenizer's level-1 word put back the first two score the same mask, the third 0."""
+    from data import open_dataset
+    folder, model, processor, cfg = nonsquare
+    scenes = list(open_dataset(folder, split="test"))[:len(SIZES)]
+    mask_tok = load_tokenizer(tok_ckpt)
+    expect = []
+
+    def scripted(model, processor, samples, images, max_new_tokens, batch):
+        out = []
+        for k, s in enumerate(samples):
+            if s["task"] != "refer" or len(s["targets"]) != 1:
+                out.append("No target.")
+                continue
+            (c1, c2), = text_to_codes(s["answer"])
+            scene = scenes[s["img"]]
+            right = iou(mask_tok.decode(scene["image"], np.array([[c1, c2]])), scene["masks"][s["targets"]])[0]
+            out.append([s["answer"], codes_to_text([[(c1 + 1) % 256, c2]]), "No target."][k % 3])
+            expect.append((k % 3 == 0, right if k % 3 < 2 else 0.0))
+        return out
+
+    monkeypatch.setattr(vlm, "generate", scripted)
+    m = vlm.evaluate(model, processor, mask_tok, cfg, n=len(SIZES))
+    assert 0 < m["refer_level1_exact"] < 1
+    assert m["refer_level1_exact"] == pytest.approx(np.mean([r for r, _ in expect]), abs=1e-12)
+    assert m["refer_miou_single_given_level1"] == pytest.approx(np.mean([v for _, v in expect]), abs=1e-6)

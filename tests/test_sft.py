@@ -326,7 +326,7 @@ def test_script_ddp_fsdp_resume_eval(world, tok_ckpt, tmp_path):
 
     metrics = json.load(open(os.path.join(o["one"], "metrics.json")))
     for key in ("refer_miou", "refer_ciou", "nacc", "exact_match", "caption_attr_acc", "tokenizer_ceiling_miou",
-                "padding_fraction", "train_seconds"):
+                "padding_fraction", "train_seconds", "refer_level1_exact", "refer_miou_single_given_level1"):
         assert key in metrics
     assert 0 <= metrics["refer_miou"] <= 1 and 0 <= metrics["tokenizer_ceiling_miou"] <= 1
     assert os.path.exists(os.path.join(o["one"], "gallery.png"))
@@ -392,7 +392,8 @@ def test_final_evaluation_reports_metrics_a_dataset_cannot_give(tmp_path, monkey
     """A dataset without no-target phrases or captions (COCO, RefCOCO, a plain folder) has no N-acc
     and no caption score: vlm.evaluate says None, and the final report must still be written and printed."""
     metrics = dict(refer_miou=0.5, refer_ciou=0.4, tokenizer_ceiling_miou=0.8, nacc=None, exact_match=0.1,
-                   caption_attr_acc=None, refer_right_object=0.6, refer_right_object_tiny=None, refer_right_object_big=0.7)
+                   caption_attr_acc=None, refer_right_object=0.6, refer_right_object_tiny=None, refer_right_object_big=0.7,
+                   refer_level1_exact=0.25)
     monkeypatch.setattr(sft, "load_pretrained", lambda path, cfg: (torch.nn.Linear(2, 2), None))
     monkeypatch.setattr(sft, "evaluate", lambda *a, **k: dict(metrics))
     cfg = dict(sft.DEFAULTS, out_dir=str(tmp_path), preset="tiny")
@@ -400,7 +401,7 @@ def test_final_evaluation_reports_metrics_a_dataset_cannot_give(tmp_path, monkey
     saved = json.load(open(tmp_path / "metrics.json"))
     assert saved["nacc"] is None and saved["refer_miou_over_ceiling"] == pytest.approx(0.625)
     out = capsys.readouterr().out
-    assert "test: referring mIoU 0.5000" in out and "right object 0.600 (tiny -, big 0.700)" in out
+    assert "test: referring mIoU 0.5000" in out and "right object 0.600 (tiny -, big 0.700) | level-1 word 0.250" in out
 
 
 # ---------------------------------------------------------------- config-built model: word rows and vision pretraining
@@ -435,6 +436,49 @@ def test_vision_pretraining_lowers_its_loss(world, tok_ckpt):
                              dict(cfg, vision_pretrain_steps=60, vision_pretrain_batch=6), log=log)
     assert len(losses) == 1 and losses[0] < 3.0       # starts near ln(9) + ln(7) + 1 ~ 5.1
     assert torch.equal(model.get_input_embeddings().weight, text_before)
+
+
+def test_colour_code_slots_name_each_colours_object_in_each_token():
+    """vision_code_target: slot k of a token is the level-1 code of the colour-k object with most
+    pixels in it, however small (> 1 % of the token); no loss (-100) where no colour-k object is."""
+    tok_cov = torch.tensor([[0.50, 0.00, 0.02],      # object 0, red (0): tokens 0 and 2
+                            [0.03, 0.40, 0.005],     # object 1, red: token 0 a little, token 1; token 2 under 1 %
+                            [0.20, 0.00, 0.00]])     # object 2, blue (1): token 0
+    slots = tiny_vlm.colour_code_slots(tok_cov, torch.tensor([0, 0, 1]), torch.tensor([7, 9, 4], dtype=torch.int16), 3)
+    assert slots.tolist() == [[7, 4, -100], [9, -100, -100], [7, -100, -100]]
+
+
+def test_vision_code_target_is_learnt(world, tok_ckpt):
+    """--vision_code_target=true: the tower's pretraining also fits the per-colour level-1 codes; its
+    loss starts near the dense loss + ln(256) and falls."""
+    images, _, scenes, cfg = world
+    mask_tok = load_tokenizer(tok_ckpt)
+    images, _, scenes, codes = vlm.load_world("train", 6, mask_tok, cfg, ("refer",), keep_masks=True)
+    model, processor = build(cfg)
+    losses = []
+    log = lambda line: losses.append(float(line.split("loss ")[1].split()[0]))
+    head = tiny_vlm.pretrain_vision(model, processor, images, scenes, codes, mask_tok.rvq.codebook.float(),
+                                    dict(cfg, vision_pretrain_steps=100, vision_pretrain_batch=6,
+                                         vision_code_target=True), log=log)
+    assert head.out_features == 8 * 8 * (9 + 7) + 32 + 8 * 256       # sub-cells, latent, 8 colour slots
+    assert losses[-1] < 6.0       # from ~ ln(9) + ln(7) + 1 + ln(256) ~ 10.6
+
+
+def test_ground_steps_come_first_and_alone(world):
+    """--ground_steps=G: the first G steps draw only grounding conversations (phrase -> box), every
+    later step only the tasks' conversations."""
+    images, _, scenes, cfg = world
+    cfg = dict(cfg, ground_steps=2, steps=4, batch_size=3)
+    mask_tok = load_tokenizer(cfg["tokenizer_ckpt"])
+    images, samples, scenes, _ = vlm.load_world("train", 6, mask_tok, cfg, ("refer", "caption", "ground"))
+    model, processor = build(cfg)
+    sft.add_mask_tokens(model, processor)
+    convs, _ = vlm.tokenize(conversations(samples, cfg["turns"], 0), images, processor, 10 ** 6)
+    *_, draw, _ = sft.prepare_training(model, processor, images, convs, dict(cfg), 0, 1, torch.device("cpu"), None,
+                                       None, ["refer", "caption"])
+    for step in range(4):       # every grounding prompt asks for a box; no referring or caption prompt does
+        said = processor.tokenizer.batch_decode(draw(step)[0]["batch"]["input_ids"])
+        assert all(("box" in t) == (step < 2) for t in said), step
 
 
 def test_grounding_answers_are_boxes_in_qwens_format():
