@@ -90,7 +90,6 @@ DEFAULTS = dict(
     # (tiny_vlm.pretrain_vision), after which the tower, merger included, stays frozen during SFT
     vision_pretrain_steps=1000, vision_pretrain_batch=32, vision_pretrain_lr=4e-3,
     vision_code_target=False,   # pretrain_vision also names, per visual token and colour, that object's level-1 code
-    ground_steps=0,             # config-built, in memory: the first steps train phrase -> box grounding alone
     word_init="codebook",       # new mask-word rows: "mean" (the paper's rule) | "codebook" (config-built model)
     fsdp=False,                 # FSDP2 (fully_shard) instead of DDP
     grad_checkpointing=False,
@@ -187,9 +186,6 @@ def check_options(cfg):
     if not cfg["image_size"] and not cfg["base_model"]:
         raise UserError("--image_size=0 (native resolution) is for a released Qwen-VL (--base_model); a config-built "
                         "model reads a fixed square: pass --image_size=128")
-    if cfg["ground_steps"] and (cfg["base_model"] or streamed(cfg) or cfg["ground_steps"] >= cfg["steps"]):
-        raise UserError("--ground_steps stands in for a released Qwen-VL's grounding pretraining: it is for the "
-                        "config-built model on in-memory data, and fewer than --steps")
     if cfg["word_init"] not in ("mean", "codebook"):
         raise UserError(f"--word_init takes mean or codebook, got {cfg['word_init']!r}")
     return tasks
@@ -206,8 +202,6 @@ def setup(cfg, mask_tok, tasks, model_dir):
     and conversations are None: the workers make them as they go), and a config-built model's
     BPE and tower pretraining read the first built_scenes scenes alone."""
     built, stream = not cfg["resume"] and not cfg["base_model"], streamed(cfg)
-    # --ground_steps: the grounding samples (phrase -> box) of the same scenes, for the steps before SFT's tasks
-    tasks = tuple(tasks) + (("ground",) if cfg["ground_steps"] and "ground" not in tasks else ())
     # every rank encodes its share of the masks (vlm.codes_table), or all read them from the cache
     table = codes_table(mask_tok, cfg, "train", cfg["n_train"])
     images, samples, scenes, codes = (None, None, None, None) if stream and not built else load_world(
@@ -235,7 +229,7 @@ def setup(cfg, mask_tok, tasks, model_dir):
                f"vocabulary {len(processor.tokenizer)} | data: {len(table['keys'])} train scenes, streamed")
         return model, processor, None, None, word_ids, state, 0, table
     convs, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"]), images, processor, cfg["max_len"])
-    count = {t: sum(x["task"] == t for c in convs for x in c["turns"]) for t in tasks}   # samples a task
+    count = {t: sum(x["task"] == t for c in convs for x in c["turns"]) for t in tasks}
     print0(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
            f"vocabulary {len(processor.tokenizer)} | data: {len(images)} train scenes -> {len(convs)} conversations "
            f"of {count}, {dropped} dropped as longer than max_len={cfg['max_len']}")
@@ -247,7 +241,7 @@ def setup(cfg, mask_tok, tasks, model_dir):
 def prepare_training(model, processor, images, convs, cfg, rank, world, device, state, table, tasks):
     """What trains (the paper: the projector + LLM; the tiny preset's pretrained tower stays
     frozen, merger included), the frozen tower's tokens computed once (in memory), DDP / FSDP2,
-    AdamW (its state restored on resume), and draw(step): this rank's micro-batches of that step,
+    AdamW (its state restored on resume), and draw(): this rank's micro-batches of the next step,
     length-bucketed, positioned after what a resumed run already trained on: from the
     conversations in memory, or streamed (ConversationBatches in data.stream's workers).
     -> (net, opt, params, draw, the stream's Position or None)."""
@@ -272,20 +266,15 @@ def prepare_training(model, processor, images, convs, cfg, rank, world, device, 
     if convs is None:               # streamed: each rank reads its own shards
         draw, position = open_stream(cfg, ConversationBatches(table, processor, cfg, tasks), cfg["pool_scenes"],
                                      state.get("stream") if state else None, device, rank, world)
-        return net, opt, params, lambda step: [draw() for _ in range(accum)], position
+        return net, opt, params, lambda: [draw() for _ in range(accum)], position
     # in memory: every rank walks the same stream of micro-batches and takes its share (micro-batch
     # j of a step goes to rank j % world), so a step's global batch is the same set of conversations
     # on 1 process with grad_accum=a*N as on N processes with a each
-    # --ground_steps: the first steps draw the grounding conversations alone (a stand-in for the
-    # grounding pretraining of a released Qwen-VL: phrase -> box as text), the rest the tasks'
-    G = cfg["ground_steps"]
-    parts = [[c for c in convs if c["turns"][0]["task"] == "ground"], [c for c in convs if c["turns"][0]["task"] in tasks]]
-    streams = [micro_batches([len(c["ids"]) for c in part], cfg["batch_size"], cfg["seed"], cfg["bucket_pool"],
-                             skip=done * accum * world) for part, done in zip(parts, (min(step, G), max(step - G, 0)))]
+    stream = micro_batches([len(c["ids"]) for c in convs], cfg["batch_size"], cfg["seed"], cfg["bucket_pool"],
+                           skip=step * accum * world)
 
-    def draw(step):
-        part, stream = (parts[0], streams[0]) if step < G else (parts[1], streams[1])
-        mbs = [[part[j] for j in next(stream)] for _ in range(accum * world)][rank::world]
+    def draw():
+        mbs = [[convs[j] for j in next(stream)] for _ in range(accum * world)][rank::world]
         return [dict(zip(("batch", "labels"), collate(mb, images, processor, visual=visual)),
                      n_tok=sum(sum(c["in_loss"]) for c in mb), dropped=0) for mb in mbs]
     return net, opt, params, draw, None
@@ -351,7 +340,7 @@ def main():
         # loss of a step is the mean over every assistant token of the GLOBAL batch: each rank knows
         # the ranks sum their counts; DDP / FSDP average gradients over ranks, hence the factor
         # world below.
-        group = draw(step)
+        group = draw()
         n_tok = torch.tensor(float(sum(b["n_tok"] for b in group)), device=device)
         if world > 1:
             dist.all_reduce(n_tok)

@@ -464,23 +464,6 @@ def test_vision_code_target_is_learnt(world, tok_ckpt):
     assert losses[-1] < 6.0       # from ~ ln(9) + ln(7) + 1 + ln(256) ~ 10.6
 
 
-def test_ground_steps_come_first_and_alone(world):
-    """--ground_steps=G: the first G steps draw only grounding conversations (phrase -> box), every
-    later step only the tasks' conversations."""
-    images, _, scenes, cfg = world
-    cfg = dict(cfg, ground_steps=2, steps=4, batch_size=3)
-    mask_tok = load_tokenizer(cfg["tokenizer_ckpt"])
-    images, samples, scenes, _ = vlm.load_world("train", 6, mask_tok, cfg, ("refer", "caption", "ground"))
-    model, processor = build(cfg)
-    sft.add_mask_tokens(model, processor)
-    convs, _ = vlm.tokenize(conversations(samples, cfg["turns"], 0), images, processor, 10 ** 6)
-    *_, draw, _ = sft.prepare_training(model, processor, images, convs, dict(cfg), 0, 1, torch.device("cpu"), None,
-                                       None, ["refer", "caption"])
-    for step in range(4):       # every grounding prompt asks for a box; no referring or caption prompt does
-        said = processor.tokenizer.batch_decode(draw(step)[0]["batch"]["input_ids"])
-        assert all(("box" in t) == (step < 2) for t in said), step
-
-
 def test_grounding_answers_are_boxes_in_qwens_format():
     """--tasks=...,ground: phrase -> <|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
     on Qwen2-VL's 0-1000 grid, one box a target (in the referring order), "No target." for none;
