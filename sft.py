@@ -89,7 +89,6 @@ DEFAULTS = dict(
     # config-built model only: a short dense pretraining of the random vision tower
     # (tiny_vlm.pretrain_vision), after which the tower, merger included, stays frozen during SFT
     vision_pretrain_steps=1000, vision_pretrain_batch=32, vision_pretrain_lr=4e-3,
-    vision_code_target=False,   # pretrain_vision also names, per visual token and colour, that object's level-1 code
     word_init="codebook",       # new mask-word rows: "mean" (the paper's rule) | "codebook" (config-built model)
     fsdp=False,                 # FSDP2 (fully_shard) instead of DDP
     grad_checkpointing=False,

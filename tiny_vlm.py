@@ -137,21 +137,6 @@ def init_words_from_codebook(model, word_ids, codebook):
 
 
 # ----------------------------------------------------------------------------- vision pretraining
-def colour_code_slots(tok_cov, colour, level1, n_slots):
-    """vision_code_target: what each visual token learns to name, one slot a colour. tok_cov
-    (objects, tokens) is the fraction of each token an object covers, colour (objects,) its colour
-    index, level1 (objects,) its level-1 code. Slot k of a token holds the level-1 code of the
-    colour-k object with most pixels there, however little of the token it covers (> 1 %), else
-    -100 (no loss). The first word of a referring answer is then written in the tokens the object
-    touches, under its colour: what the LM has to do is find the token and the slot the phrase
-    names, and copy. -> (tokens, n_slots)."""
-    slots = torch.full((tok_cov.shape[1], n_slots), -100)
-    for k in range(n_slots):
-        top = torch.where((colour == k)[:, None], tok_cov, torch.zeros(())).max(0)
-        slots[:, k] = torch.where(top.values > 0.01, level1[top.indices].long(), -100)
-    return slots
-
-
 def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=print):
     """A stand-in for the pretraining every released ViT has, for the config-built model only.
     Without it the random tower's visual tokens collapse to one large constant vector within a few
@@ -168,7 +153,7 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
     attrs = all("color" in o and "shape" in o for _, sc in scenes for o in sc["objects"])
     from data.shapes import COLORS, SHAPES
     n_col, n_shp = (len(COLORS) + 1, len(SHAPES) + 1) if attrs else (2, 1)
-    cells, latents, has, code_slots = [], [], [], []
+    cells, latents, has = [], [], []
     for (_, sc), c in zip(scenes, codes):
         ms = torch.as_tensor(np.asarray(sc["masks"])).float()[:, None]
         ms = F.interpolate(ms, size=(S, S), mode="nearest")[:, 0]                     # (N, S, S)
@@ -183,15 +168,9 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
         z = codebook[0][c[:, 0].long()] + codebook[1][c[:, 1].long()]
         best = tok_cov.max(0)
         latents.append(z[best.indices]), has.append(best.values > 0.15)
-        if cfg["vision_code_target"]:
-            colour = torch.tensor([list(COLORS).index(o["color"]) if attrs else 0 for o in sc["objects"]])
-            code_slots.append(colour_code_slots(tok_cov, colour, c[:, 0], n_col - 1))
     cells, latents, has = torch.cat(cells), torch.cat(latents), torch.cat(has)
-    code_slots = torch.cat(code_slots) if code_slots else None
-    n_codes = (n_col - 1) * codebook.shape[1] if code_slots is not None else 0
     latents = latents / latents.pow(2).mean().sqrt()
-    n_lat = latents.shape[1]
-    head = torch.nn.Linear(vis.merger.mlp[-1].out_features, k * k * (n_col + n_shp) + n_lat + n_codes)
+    head = torch.nn.Linear(vis.merger.mlp[-1].out_features, k * k * (n_col + n_shp) + latents.shape[1])
     params = list(vis.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["vision_pretrain_lr"], weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -201,15 +180,12 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
         px = ip(images=list(images[idx.numpy()]), return_tensors="pt")
         out = head(vis(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output)
         tok = (idx[:, None] * g * g + torch.arange(g * g)).flatten()
-        logits = out[:, :k * k * (n_col + n_shp)].reshape(-1, k * k, n_col + n_shp)
+        logits = out[:, :-latents.shape[1]].reshape(-1, k * k, n_col + n_shp)
         loss = F.cross_entropy(logits[..., :n_col].flatten(0, 1), cells[tok, :, 0].flatten())
         if n_shp > 1:
             loss = loss + F.cross_entropy(logits[..., n_col:].flatten(0, 1), cells[tok, :, 1].flatten())
-        h, lat = has[tok], out[:, k * k * (n_col + n_shp):][:, :n_lat]
-        loss = loss + (lat[h] - latents[tok][h]).pow(2).mean()
-        if n_codes:
-            code_logits = out[:, -n_codes:].reshape(-1, codebook.shape[1])       # (tokens x slots, 256)
-            loss = loss + F.cross_entropy(code_logits, code_slots[tok].flatten(), ignore_index=-100)
+        h = has[tok]
+        loss = loss + (out[:, -latents.shape[1]:][h] - latents[tok][h]).pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         set_lr(opt, lr_at(step, steps, cfg["vision_pretrain_lr"], 0.05, 0.1))
@@ -217,4 +193,3 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             log(f"vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f} s")
-    return head

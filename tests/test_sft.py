@@ -438,32 +438,6 @@ def test_vision_pretraining_lowers_its_loss(world, tok_ckpt):
     assert torch.equal(model.get_input_embeddings().weight, text_before)
 
 
-def test_colour_code_slots_name_each_colours_object_in_each_token():
-    """vision_code_target: slot k of a token is the level-1 code of the colour-k object with most
-    pixels in it, however small (> 1 % of the token); no loss (-100) where no colour-k object is."""
-    tok_cov = torch.tensor([[0.50, 0.00, 0.02],      # object 0, red (0): tokens 0 and 2
-                            [0.03, 0.40, 0.005],     # object 1, red: token 0 a little, token 1; token 2 under 1 %
-                            [0.20, 0.00, 0.00]])     # object 2, blue (1): token 0
-    slots = tiny_vlm.colour_code_slots(tok_cov, torch.tensor([0, 0, 1]), torch.tensor([7, 9, 4], dtype=torch.int16), 3)
-    assert slots.tolist() == [[7, 4, -100], [9, -100, -100], [7, -100, -100]]
-
-
-def test_vision_code_target_is_learnt(world, tok_ckpt):
-    """--vision_code_target=true: the tower's pretraining also fits the per-colour level-1 codes; its
-    loss starts near the dense loss + ln(256) and falls."""
-    images, _, scenes, cfg = world
-    mask_tok = load_tokenizer(tok_ckpt)
-    images, _, scenes, codes = vlm.load_world("train", 6, mask_tok, cfg, ("refer",), keep_masks=True)
-    model, processor = build(cfg)
-    losses = []
-    log = lambda line: losses.append(float(line.split("loss ")[1].split()[0]))
-    head = tiny_vlm.pretrain_vision(model, processor, images, scenes, codes, mask_tok.rvq.codebook.float(),
-                                    dict(cfg, vision_pretrain_steps=100, vision_pretrain_batch=6,
-                                         vision_code_target=True), log=log)
-    assert head.out_features == 8 * 8 * (9 + 7) + 32 + 8 * 256       # sub-cells, latent, 8 colour slots
-    assert losses[-1] < 6.0       # from ~ ln(9) + ln(7) + 1 + ln(256) ~ 10.6
-
-
 def test_grounding_answers_are_boxes_in_qwens_format():
     """--tasks=...,ground: phrase -> <|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
     on Qwen2-VL's 0-1000 grid, one box a target (in the referring order), "No target." for none;
