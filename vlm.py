@@ -830,21 +830,18 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
     for k, s in enumerate(refer):
         by_scene.setdefault(s["img"], []).append(k)
     pred_masks, ious, inter, union = [None] * len(refer), np.zeros(len(refer)), 0, 0
-    ceiling, right = np.zeros(len(refer)), {}          # right: single-target prompt -> (right object?, size)
-    # which of the two words fails: a single-target answer's first mask again, with the tokenizer's
-    # own level-1 word in place of the generated one (the generated level-2 word kept)
-    level1 = {k: int(codes[s["img"]][s["targets"][0], 0]) for k, s in enumerate(refer)
-              if len(s["targets"]) == 1 and pred_codes[k]}
-    swapped = {}
+    # right: single-target prompt -> (right object?, size, level-1 word right?, IoU given the level-1 word)
+    ceiling, right = np.zeros(len(refer)), {}
     for img, ks in progress(by_scene.items(), "decoding masks"):
         image, gt_masks = scenes[img][1]["image"], scenes[img][1]["masks"]
         empty = np.zeros(image.shape[:2], bool)          # no target / no prediction, at the scene's size
-        mine = [k for k in ks if k in level1]
-        flat = [c for k in ks for c in pred_codes[k]] + [[level1[k], pred_codes[k][0][1]] for k in mine]
+        # which of the two words fails: a single-target answer's first mask again, with the
+        # tokenizer's own level-1 word in place of the generated one (the generated level-2 kept)
+        level1 = {k: int(codes[img][refer[k]["targets"][0], 0]) for k in ks
+                  if len(refer[k]["targets"]) == 1 and pred_codes[k]}
+        flat = [c for k in ks for c in pred_codes[k]] + [[c1, pred_codes[k][0][1]] for k, c1 in level1.items()]
         dec = mask_tok.decode(image, np.array(flat).reshape(-1, 2)) if flat else empty[None, :0]
-        for j, k in enumerate(mine):
-            t = refer[k]["targets"]
-            swapped[k] = iou(dec[len(flat) - len(mine) + j][None], gt_masks[t])[0]
+        given_level1 = iter(dec[len(flat) - len(level1):])
         rebuilt = mask_tok.decode(image, codes[img].long().numpy())   # decode(encode(GT)), per object
         pos = 0
         for k in ks:
@@ -862,15 +859,16 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
                 overlap = iou(np.broadcast_to(pred, gt_masks.shape), gt_masks)
                 area = gt.mean()
                 size = "tiny" if area < 0.012 else "big" if area > 0.1 else "medium"
-                right[k] = (bool(pred.any() and overlap.argmax() == t[0] and overlap[t[0]] > 0.3), size)
-    hits = {z: [r for r, size in right.values() if z in ("", size)] for z in ("", "tiny", "medium", "big")}
+                right[k] = (bool(pred.any() and overlap.argmax() == t[0] and overlap[t[0]] > 0.3), size,
+                            k in level1 and pred_codes[k][0][0] == level1[k],
+                            iou(next(given_level1)[None], gt[None])[0] if k in level1 else 0.0)    # no mask: 0
+    hits = {z: [r[0] for r in right.values() if z in ("", r[1])] for z in ("", "tiny", "medium", "big")}
     kinds = np.array([s["kind"] for s in refer])
     none = kinds == "none"    # N-acc: a no-target prompt is right when no mask at all comes back
     # The key learnable quantity: did the VLM say exactly the tokenizer's words for the targets?
     # (A near miss can still decode to a good mask: neighbouring codes of the same colour often
     # paint the same object, which is why mIoU can run ahead of this number.)
     exact = [pred_codes[k] == text_to_codes(s["answer"]) for k, s in enumerate(refer) if s["targets"]]
-    single = [k for k, s in enumerate(refer) if len(s["targets"]) == 1]
     # region captions: which colour / shape / size word the caption uses, against the object's
     attr_hits = []
     for s, text in zip(caps, cap_text):
@@ -886,9 +884,8 @@ def evaluate(model, processor, mask_tok, cfg, n=100, gallery=None):
         caption_attr_acc=float(np.mean(attr_hits)) if attr_hits else None,
         tokenizer_ceiling_miou=float(ceiling.mean()),
         **{"refer_right_object" + (f"_{z}" if z else ""): float(np.mean(v)) if v else None for z, v in hits.items()},
-        refer_level1_exact=float(np.mean([k in level1 and level1[k] == pred_codes[k][0][0] for k in single]))
-        if single else None,
-        refer_miou_single_given_level1=float(np.mean([swapped.get(k, 0.0) for k in single])) if single else None,
+        refer_level1_exact=float(np.mean([r[2] for r in right.values()])) if right else None,
+        refer_miou_single_given_level1=float(np.mean([r[3] for r in right.values()])) if right else None,
         eval_scenes=n, eval_refer=len(refer), eval_captions=len(caps), eval_generate_seconds=gen_seconds)
     if gallery:
         shown = [k for k in range(len(refer)) if refer[k]["targets"]][:8]

@@ -367,6 +367,15 @@ def test_evaluate_placeholders_are_at_the_scenes_size(nonsquare, tok_ckpt, monke
     assert os.path.exists(os.path.join(cfg["out_dir"], "g.png"))
 
 
+def single_target_script(answer):
+    """A stand-in for vlm.generate: answer(k, sample) for the single-target referring prompts,
+    "No target." for every other prompt."""
+    def scripted(model, processor, samples, images, max_new_tokens, batch):
+        return [answer(k, s) if s["task"] == "refer" and len(s["targets"]) == 1 else "No target."
+                for k, s in enumerate(samples)]
+    return scripted
+
+
 def test_right_object_is_the_best_overlapping_object(nonsquare, tok_ckpt, monkeypatch):
     """refer_right_object: a single-target prompt is right when its prediction overlaps the target
     best of the scene's objects (IoU > 0.3). A stand-in decoder paints object c1 of the scene for
@@ -382,20 +391,14 @@ def test_right_object_is_the_best_overlapping_object(nonsquare, tok_ckpt, monkey
 
     expect = []
 
-    def scripted(model, processor, samples, images, max_new_tokens, batch):
-        out = []
-        for k, s in enumerate(samples):
-            if s["task"] != "refer" or len(s["targets"]) != 1:
-                out.append("No target.")
-                continue
-            t, n = s["targets"][0], len(scenes[s["img"]]["masks"])
-            choice = [t, (t + 1) % n, None][k % 3] if n > 1 else [t, None][k % 2]
-            out.append("No target." if choice is None else codes_to_text([[choice, 0]]))
-            area = scenes[s["img"]]["masks"][t].mean()
-            expect.append((choice == t, "tiny" if area < 0.012 else "big" if area > 0.1 else "medium"))
-        return out
+    def answer(k, s):
+        t, n = s["targets"][0], len(scenes[s["img"]]["masks"])
+        choice = [t, (t + 1) % n, None][k % 3] if n > 1 else [t, None][k % 2]
+        area = scenes[s["img"]]["masks"][t].mean()
+        expect.append((choice == t, "tiny" if area < 0.012 else "big" if area > 0.1 else "medium"))
+        return "No target." if choice is None else codes_to_text([[choice, 0]])
 
-    monkeypatch.setattr(vlm, "generate", scripted)
+    monkeypatch.setattr(vlm, "generate", single_target_script(answer))
     monkeypatch.setattr(mask_tok, "decode", decode)
     m = vlm.evaluate(model, processor, mask_tok, cfg, n=len(SIZES))
     assert 0 < m["refer_right_object"] < 1
@@ -415,20 +418,14 @@ def test_level1_metrics_say_which_word_fails(nonsquare, tok_ckpt, monkeypatch):
     mask_tok = load_tokenizer(tok_ckpt)
     expect = []
 
-    def scripted(model, processor, samples, images, max_new_tokens, batch):
-        out = []
-        for k, s in enumerate(samples):
-            if s["task"] != "refer" or len(s["targets"]) != 1:
-                out.append("No target.")
-                continue
-            (c1, c2), = text_to_codes(s["answer"])
-            scene = scenes[s["img"]]
-            right = iou(mask_tok.decode(scene["image"], np.array([[c1, c2]])), scene["masks"][s["targets"]])[0]
-            out.append([s["answer"], codes_to_text([[(c1 + 1) % 256, c2]]), "No target."][k % 3])
-            expect.append((k % 3 == 0, right if k % 3 < 2 else 0.0))
-        return out
+    def answer(k, s):
+        (c1, c2), = text_to_codes(s["answer"])
+        scene = scenes[s["img"]]
+        right = iou(mask_tok.decode(scene["image"], np.array([[c1, c2]])), scene["masks"][s["targets"]])[0]
+        expect.append((k % 3 == 0, right if k % 3 < 2 else 0.0))
+        return [s["answer"], codes_to_text([[(c1 + 1) % 256, c2]]), "No target."][k % 3]
 
-    monkeypatch.setattr(vlm, "generate", scripted)
+    monkeypatch.setattr(vlm, "generate", single_target_script(answer))
     m = vlm.evaluate(model, processor, mask_tok, cfg, n=len(SIZES))
     assert 0 < m["refer_level1_exact"] < 1
     assert m["refer_level1_exact"] == pytest.approx(np.mean([r for r, _ in expect]), abs=1e-12)
