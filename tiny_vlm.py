@@ -170,7 +170,7 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
         latents.append(z[best.indices]), has.append(best.values > 0.15)
     cells, latents, has = torch.cat(cells), torch.cat(latents), torch.cat(has)
     latents = latents / latents.pow(2).mean().sqrt()
-    head = torch.nn.Linear(vis.merger.mlp[-1].out_features, k * k * (n_col + n_shp) + latents.shape[1])
+    head = torch.nn.Linear(model.config.vision_config.out_hidden_size, k * k * (n_col + n_shp) + latents.shape[1])
     params = list(vis.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["vision_pretrain_lr"], weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg["seed"])
