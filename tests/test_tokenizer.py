@@ -88,6 +88,22 @@ def test_encode_decode_shapes(model):
     assert model.decode(img, np.zeros((0, 2), int)).shape == (0, 40, 90)
 
 
+def test_encode_many_is_encode_of_each(model):
+    """The codes pass batches images of any sizes: the same codes as one encode() per image."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for H, W in ((40, 90), (64, 64), (120, 50), (33, 200)):
+        img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        m = np.zeros((1 + len(pairs) % 3, H, W), bool)
+        for k in range(len(m)):
+            m[k, k * H // 4:(k + 2) * H // 4, W // 5:(k + 3) * W // 5] = True
+        pairs.append((img, m))
+    many = model.encode_many(pairs)
+    assert [c.shape[0] for c in many] == [len(m) for _, m in pairs]
+    for (img, m), c in zip(pairs, many):
+        assert torch.equal(c, model.encode(img, m))
+
+
 def test_encode_converts_images_and_masks(model):
     s = make_scene(4, size=64)
     ref = model.encode(s["image"], s["masks"])
