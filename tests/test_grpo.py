@@ -309,7 +309,10 @@ def test_shared_prefix_equals_the_unshared_forward(world, model_type, per_batch)
             assert torch.allclose(a, b_, atol=1e-5), (a - b_).abs().max()
         assert g_u.keys() == g_s.keys() and len(g_u) > 10
         for k in g_u:
-            assert torch.allclose(g_u[k], g_s[k], atol=1e-5, rtol=1e-4), (k, (g_u[k] - g_s[k]).abs().max())
+            # fp32 sums in another order: equal to 1e-5 of the tensor's own scale (the tied
+            # embedding's gradient reaches ~70, so an element-wise rtol would judge its rounding)
+            err, scale = (g_u[k] - g_s[k]).abs().max(), g_u[k].abs().max()
+            assert err <= 1e-5 * (1 + scale), (k, err, scale)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
