@@ -91,6 +91,7 @@ DEFAULTS = dict(
     # config-built model only: a short dense pretraining of the random vision tower
     # (tiny_vlm.pretrain_vision), after which the tower, merger included, stays frozen during SFT
     vision_pretrain_steps=1000, vision_pretrain_batch=32, vision_pretrain_lr=4e-3,
+    word_soft=0.0,              # >0: this much of each code word's target spread over nearby codes (word_targets)
     word_init="codebook",       # new mask-word rows: "mean" (the paper's rule) | "codebook" (config-built model)
     fsdp=False,                 # FSDP2 (fully_shard) instead of DDP
     grad_checkpointing=False,
@@ -159,7 +160,20 @@ def add_mask_tokens(model, processor):
 
 
 # ----------------------------------------------------------------------------- the loss
-def token_loss(model, batch, labels, word_ids):
+def word_targets(codebook, alpha):
+    """(512, 512) target distributions over the code words: (1 - alpha) on the word itself, alpha
+    spread over its level's words by softmax(-|c_k - c_word|^2 / tau), tau the median squared
+    distance of a code to its nearest neighbour. The decoder paints nearly the same mask from a
+    nearby code, so a nearby word is a smaller mistake than a far one."""
+    Q = torch.zeros(512, 512)
+    for l in range(2):
+        d2 = torch.cdist(codebook[l], codebook[l]).pow(2)                      # (256, 256)
+        tau = d2.masked_fill(torch.eye(256, dtype=torch.bool), float("inf")).min(1).values.median()
+        Q[l * 256:(l + 1) * 256, l * 256:(l + 1) * 256] = alpha * (-d2 / tau).softmax(1) + (1 - alpha) * torch.eye(256)
+    return Q
+
+
+def token_loss(model, batch, labels, word_ids, soft=None):
     """Summed next-token cross-entropy over the labelled (assistant) tokens: position t predicts
     token t+1. Summed, not averaged, so micro-batches and ranks can be weighted by tokens. Also
     counts the teacher-forced argmax hits on the code words <|mt_0000|>..<|mt_0511|>: the key
@@ -171,9 +185,14 @@ def token_loss(model, batch, labels, word_ids):
     # at 7B.
     logits = model(**batch, use_cache=False, logits_to_keep=keep).logits.float()   # (kept, V)
     target = target[keep[:, :-1]]
-    loss = F.cross_entropy(logits, target, reduction="sum")
+    is_word = torch.isin(target, word_ids)
+    if soft is None:
+        loss = F.cross_entropy(logits, target, reduction="sum")
+    else:                       # the code words against word_targets' distributions
+        loss = F.cross_entropy(logits[~is_word], target[~is_word], reduction="sum")
+        w = torch.searchsorted(word_ids, target[is_word])                        # word_ids ascend
+        loss = loss - (soft[w] * logits[is_word].log_softmax(-1)[:, word_ids]).sum()
     with torch.no_grad():
-        is_word = torch.isin(target, word_ids)
         hits = (logits.argmax(-1) == target)[is_word].sum()
     return loss, torch.stack([hits, is_word.sum()]).float()
 
@@ -331,6 +350,7 @@ def main():
     # ---- the loop: each step, this rank's grad_accum micro-batches of the global batch (draw)
     accum, steps, step = cfg["grad_accum"], cfg["steps"], state["step"] if state else 0
     n_params, word_ids, amp = sum(p.numel() for p in model.parameters()), word_ids.to(device), autocast(device)
+    soft = word_targets(mask_tok.rvq.codebook.detach().float().cpu(), cfg["word_soft"]).to(device) if cfg["word_soft"] else None
     pad = torch.zeros(2, dtype=torch.float64, device=device)            # padding tokens, all tokens
     t0, run_steps, tokens_window, loss_window, word_window = time.time(), 0, 0, [], torch.zeros(2)
     net.train()
@@ -356,7 +376,7 @@ def main():
             if isinstance(net, torch.nn.parallel.DistributedDataParallel):
                 net.require_backward_grad_sync = micro == accum - 1
             with amp:
-                loss, hits = token_loss(net, batch, labels.to(device), word_ids)
+                loss, hits = token_loss(net, batch, labels.to(device), word_ids, soft)
             (loss * world / n_tok).backward()
             totals += torch.cat([loss.detach()[None], hits])
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])   # FSDP: over the sharded grads, globally

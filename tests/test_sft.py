@@ -102,6 +102,35 @@ def test_token_loss_is_the_plain_loss_on_assistant_tokens(world, model_type):
     assert hits[1] == words.sum() > 0 and hits[0] == (full.argmax(-1) == target)[words].sum()
 
 
+def test_soft_word_targets(world):
+    """--word_soft: each code word's target keeps 1 - a on itself and spreads a over its own
+    level's words, more to nearer codes; a = 0 is the plain loss, a > 0 changes only the code
+    words' terms, into a cross-entropy against those distributions."""
+    torch.manual_seed(0)
+    codebook = torch.randn(2, 256, 8)
+    Q = sft.word_targets(codebook, 0.5)
+    assert torch.allclose(Q.sum(1), torch.ones(512)) and (Q.diagonal() >= 0.5).all()
+    assert Q[:256, 256:].sum() == 0 and Q[256:, :256].sum() == 0               # levels never mix
+    d = torch.cdist(codebook[1], codebook[1])[7]
+    near, far = d.argsort()[1], d.argsort()[-1]
+    assert Q[256 + 7, 256 + near] > Q[256 + 7, 256 + far] > 0
+    images, samples = world[0], world[1]
+    model, processor = build(world[3])
+    ids = torch.tensor(sft.add_mask_tokens(model, processor)[1:-1])
+    ss, _ = vlm.tokenize(conversations(samples, 2, 0)[:4], images, processor, 10 ** 9)
+    batch, labels = vlm.collate(ss, images, processor)
+    with torch.no_grad():
+        plain = sft.token_loss(model, batch, labels, ids)[0]
+        assert torch.allclose(sft.token_loss(model, batch, labels, ids, sft.word_targets(codebook, 0.0))[0], plain)
+        soft = sft.token_loss(model, batch, labels, ids, Q)[0]
+        logp = model(**batch).logits[:, :-1].log_softmax(-1)
+    target = labels[:, 1:]
+    words, text = torch.isin(target, ids), (target != -100) & ~torch.isin(target, ids)
+    w = (target[words][:, None] == ids).float().argmax(1)
+    want = -logp[text].gather(1, target[text][:, None]).sum() - (Q[w] * logp[words][:, ids]).sum()
+    assert words.sum() > 0 and torch.allclose(soft, want, rtol=1e-5) and not torch.allclose(soft, plain)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
 def test_cached_visual_tokens_give_the_pixels_logits(world, model_type):
     """A frozen tower's tokens, computed once (visual_tokens) and passed as mm_encoder_outputs,
