@@ -14,7 +14,11 @@ ground truth (vlm.evaluate).
 
 The embedded default (preset tiny) builds a small Qwen2.5-VL from its config classes
 (tiny_vlm.py), so that everything it saves loads with plain transformers (AutoProcessor /
-AutoModelForImageTextToText). The paper preset starts from a released Qwen2.5-VL instead.
+AutoModelForImageTextToText). Its LM learns from scratch in minutes, so it also gets a hint the
+paper's does not need: the target of a code word keeps half its weight and spreads the other
+half over the words whose codes lie nearest (--word_soft, word_targets), since the decoder paints
+nearly the same mask from a nearby code. The paper preset starts from a released Qwen2.5-VL
+instead, with the plain loss (--word_soft=0).
 
 Run it (the Stage-1 tokenizer first: python tokenizer.py):
     python sft.py                                         # CPU, preset tiny
@@ -83,7 +87,7 @@ DEFAULTS = dict(
     turns=4,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
-    steps=8000, batch_size=10, grad_accum=1,   # conversations per micro-batch per process
+    steps=7000, batch_size=10, grad_accum=1,   # conversations per micro-batch per process
     # a 3-layer LM from scratch: at 2e-3 its steps are too large for its blocks, which then fit
     # even their training scenes' mask words worse; at 5e-4 it finds the object more often (docs/LOG.md)
     lr=5e-4, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.01, beta2=0.95, grad_clip=1.0,
@@ -91,7 +95,7 @@ DEFAULTS = dict(
     # config-built model only: a short dense pretraining of the random vision tower
     # (tiny_vlm.pretrain_vision), after which the tower, merger included, stays frozen during SFT
     vision_pretrain_steps=1000, vision_pretrain_batch=32, vision_pretrain_lr=4e-3,
-    word_soft=0.0,              # >0: this much of each code word's target spread over nearby codes (word_targets)
+    word_soft=0.5,              # this much of each code word's target spread over nearby codes (word_targets); 0: the paper's plain loss
     word_init="codebook",       # new mask-word rows: "mean" (the paper's rule) | "codebook" (config-built model)
     fsdp=False,                 # FSDP2 (fully_shard) instead of DDP
     grad_checkpointing=False,
@@ -108,7 +112,7 @@ PRESETS = {
     "tiny": {},
     # global batch 256 = batch_size 4 x grad_accum 8 x 8 GPUs; AdamW lr 2e-5, cosine, bf16
     "paper": dict(base_model="Qwen/Qwen2.5-VL-3B-Instruct", image_size=0, freeze_vision=True, fsdp=True, word_init="mean",
-                  grad_checkpointing=True, n_train=200_000, steps=20_000, batch_size=4, grad_accum=8,
+                  grad_checkpointing=True, word_soft=0.0, n_train=200_000, steps=20_000, batch_size=4, grad_accum=8,
                   lr=2e-5, min_lr_ratio=0.0, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
                   max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32, num_workers=6, pool_scenes=256),
 }
