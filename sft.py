@@ -210,6 +210,9 @@ def check_options(cfg):
     if not cfg["image_size"] and not cfg["base_model"]:
         raise UserError("--image_size=0 (native resolution) is for a released Qwen-VL (--base_model); a config-built "
                         "model reads a fixed square: pass --image_size=128")
+    if not 0 <= cfg["word_soft"] <= 1:
+        raise UserError(f"--word_soft is the share of a code word's target given to nearby codes, from 0 to 1; "
+                        f"got {cfg['word_soft']}")
     if cfg["word_init"] not in ("mean", "codebook"):
         raise UserError(f"--word_init takes mean or codebook, got {cfg['word_init']!r}")
     return tasks

@@ -407,6 +407,8 @@ def test_script_config_built_frozen_tower_ddp_fsdp(tok_ckpt, tmp_path):
 def test_script_bad_input(tmp_path):
     p = finish_bad(run(["--no_such_option=1"]))
     assert "unknown option --no_such_option" in p
+    p = finish_bad(run(["--word_soft=1.5"]))
+    assert "--word_soft is the share" in p
     p = finish_bad(run([f"--tokenizer_ckpt={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path}"]))
     assert "no tokenizer checkpoint" in p and "tokenizer.py" in p
 
