@@ -165,16 +165,16 @@ def add_mask_tokens(model, processor):
 
 # ----------------------------------------------------------------------------- the loss
 def word_targets(codebook, alpha):
-    """(512, 512) target distributions over the code words: (1 - alpha) on the word itself, alpha
-    spread over its level's words by softmax(-|c_k - c_word|^2 / tau), tau the median squared
-    distance of a code to its nearest neighbour. The decoder paints nearly the same mask from a
-    nearby code, so a nearby word is a smaller mistake than a far one."""
-    Q = torch.zeros(512, 512)
-    for l in range(2):
-        d2 = torch.cdist(codebook[l], codebook[l]).pow(2)                      # (256, 256)
-        tau = d2.masked_fill(torch.eye(256, dtype=torch.bool), float("inf")).min(1).values.median()
-        Q[l * 256:(l + 1) * 256, l * 256:(l + 1) * 256] = alpha * (-d2 / tau).softmax(1) + (1 - alpha) * torch.eye(256)
-    return Q
+    """(levels * K, levels * K) target distributions over the code words, from the codebooks
+    (levels, K, D): (1 - alpha) on the word itself, alpha spread over its own level's words by
+    softmax(-|c_k - c_word|^2 / tau), tau the median squared distance of a code to its nearest
+    neighbour. The decoder paints nearly the same mask from a nearby code, so a nearby word is a
+    smaller mistake than a far one."""
+    def level(c):
+        d2 = torch.cdist(c, c).pow(2)
+        tau = d2.fill_diagonal_(float("inf")).min(1).values.median()
+        return alpha * (-d2.fill_diagonal_(0) / tau).softmax(1) + (1 - alpha) * torch.eye(len(c))
+    return torch.block_diag(*[level(c) for c in codebook.float().cpu()])
 
 
 def token_loss(model, batch, labels, word_ids, soft=None):
@@ -357,7 +357,7 @@ def main():
     # ---- the loop: each step, this rank's grad_accum micro-batches of the global batch (draw)
     accum, steps, step = cfg["grad_accum"], cfg["steps"], state["step"] if state else 0
     n_params, word_ids, amp = sum(p.numel() for p in model.parameters()), word_ids.to(device), autocast(device)
-    soft = word_targets(mask_tok.rvq.codebook.detach().float().cpu(), cfg["word_soft"]).to(device) if cfg["word_soft"] else None
+    soft = word_targets(mask_tok.rvq.codebook, cfg["word_soft"]).to(device) if cfg["word_soft"] else None
     pad = torch.zeros(2, dtype=torch.float64, device=device)            # padding tokens, all tokens
     t0, run_steps, tokens_window, loss_window, word_window = time.time(), 0, 0, [], torch.zeros(2)
     net.train()
