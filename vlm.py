@@ -697,7 +697,8 @@ class ConversationBatches:
         cfg = self.cfg
         images, samples, _, _ = scenes_inputs(((s["key"], s) for s in scenes), self.table, cfg, self.tasks,
                                               cfg["extra_none"], keep_masks=False)
-        convs, dropped = tokenize(conversations(samples, cfg["turns"], int(rng.integers(1 << 31))), images,
+        convs, dropped = tokenize(conversations(samples, cfg["turns"], int(rng.integers(1 << 31)),
+                                                {"refer": cfg["refer_repeat"]}), images,
                                   self.processor, cfg["max_len"]) if samples else ([], 0)
         out = []
         for cut in buckets([len(c["ids"]) for c in convs], cfg["batch_size"], rng):

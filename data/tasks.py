@@ -131,28 +131,31 @@ def text_corpus(scenes, tasks=("refer", "caption", "gcg")):
     return fixed * 50 + texts + phrases + captions + [g["text"] for g in grounded] + boxes
 
 
-def conversations(samples, turns, seed):
+def conversations(samples, turns, seed, repeat=None):
     """The samples of each image and task in random order, cut into conversations of up to
     `turns` turns (LLaVA-style multi-turn data: the image and the prompt overhead are paid once
     for several answers). No answer may be copied from the context: a conversation holds one
     task (a region caption's prompt or a grounded description holds the very mask words a later
     referring answer needs), and its referring turns have disjoint targets (two phrases for one
-    object, "the red circle" then "the circle", would make the second answer a copy)."""
+    object, "the red circle" then "the circle", would make the second answer a copy).
+    repeat: {task: k} deals a task's samples k times, each time in a new order and grouping, so
+    that task takes a larger share of an epoch (the mixture's weights; 1 for a task not named)."""
     groups = {}
     for s in samples:
         groups.setdefault((s["img"], s["task"]), []).append(s)
     rng = random.Random(seed)
     convs = []
     for key in sorted(groups):
-        group = groups[key]
-        rng.shuffle(group)
-        open_convs = []                 # [turns, their targets]: each sample joins the first that fits
-        for s in group:
-            t = set(s.get("targets", ()))
-            home = next((c for c in open_convs if len(c[0]) < turns and not t & c[1]), None)
-            if home is None:
-                open_convs.append(home := [[], set()])
-            home[0].append(s)
-            home[1] |= t
-        convs += [c for c, _ in open_convs]
+        for _ in range((repeat or {}).get(key[1], 1)):
+            group = list(groups[key])
+            rng.shuffle(group)
+            open_convs = []             # [turns, their targets]: each sample joins the first that fits
+            for s in group:
+                t = set(s.get("targets", ()))
+                home = next((c for c in open_convs if len(c[0]) < turns and not t & c[1]), None)
+                if home is None:
+                    open_convs.append(home := [[], set()])
+                home[0].append(s)
+                home[1] |= t
+            convs += [c for c, _ in open_convs]
     return convs

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -241,6 +242,14 @@ def test_conversations_keep_one_image_and_one_task(world):
         targets = [i for t in c for i in t.get("targets", ())]
         assert len(targets) == len(set(targets))
     assert any(len(c) > 1 and c[0]["task"] == "refer" for c in convs)
+    # a task's share of an epoch: each referring sample dealt twice, the same rules in every copy
+    again = conversations(samples, 4, 0, {"refer": 2})
+    dealt = Counter(id(t) for c in again for t in c)
+    assert all(dealt[id(s)] == (2 if s["task"] == "refer" else 1) for s in samples) and len(dealt) == len(samples)
+    for c in again:
+        targets = [i for t in c for i in t.get("targets", ())]
+        assert len({(t["img"], t["task"]) for t in c}) == 1 and len(targets) == len(set(targets))
+    assert conversations(samples, 4, 0, {"refer": 1}) == convs
 
 
 def test_length_buckets_pad_little(world):
@@ -409,6 +418,8 @@ def test_script_bad_input(tmp_path):
     assert "unknown option --no_such_option" in p
     p = finish_bad(run(["--word_soft=1.5"]))
     assert "--word_soft is the share" in p
+    p = finish_bad(run(["--refer_repeat=0"]))
+    assert "--refer_repeat is how many times" in p
     p = finish_bad(run([f"--tokenizer_ckpt={tmp_path / 'missing.pt'}", f"--out_dir={tmp_path}"]))
     assert "no tokenizer checkpoint" in p and "tokenizer.py" in p
 
