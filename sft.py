@@ -12,13 +12,15 @@ the phrase's mask words). There is no mask decoder and no mask loss in the VLM: 
 generated words go back through the tokenizer's decoder, and the masks are scored against the
 ground truth (vlm.evaluate).
 
-The embedded default (preset tiny) builds a small Qwen2.5-VL from its config classes
+The embedded default (preset tiny) builds a small Qwen3-VL from its config classes
 (tiny_vlm.py), so that everything it saves loads with plain transformers (AutoProcessor /
-AutoModelForImageTextToText). Its LM learns from scratch in minutes, so it also gets a hint the
-paper's does not need: the target of a code word keeps half its weight and spreads the other
+AutoModelForImageTextToText). Its LM learns from scratch in minutes, so it also gets two hints
+the paper's does not need: the target of a code word keeps half its weight and spreads the other
 half over the words whose codes lie nearest (--word_soft, word_targets), since the decoder paints
-nearly the same mask from a nearby code. The paper preset starts from a released Qwen2.5-VL
-instead, with the plain loss (--word_soft=0).
+nearly the same mask from a nearby code; and each epoch deals the referring samples twice
+(--refer_repeat), the task whose words must be found in the image rather than read in the prompt.
+The paper preset starts from a released Qwen2.5-VL instead, with the plain loss and the data's own
+mixture (--word_soft=0 --refer_repeat=1).
 
 Run it (the Stage-1 tokenizer first: python tokenizer.py):
     python sft.py                                         # CPU, preset tiny
@@ -27,8 +29,8 @@ Run it (the Stage-1 tokenizer first: python tokenizer.py):
     # two nodes (run on each, node_rank 0 and 1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         sft.py --preset=paper --data=DATA
-Options are --key=value (python sft.py --help lists them): --model_type=qwen3_vl builds a tiny
-Qwen3-VL instead, --base_model=Qwen/Qwen2.5-VL-7B-Instruct (or a local folder) starts from a real
+Options are --key=value (python sft.py --help lists them): --model_type=qwen2_5_vl builds a tiny
+Qwen2.5-VL instead, --base_model=Qwen/Qwen2.5-VL-7B-Instruct (or a local folder) starts from a real
 model, --fsdp=true shards with FSDP2, --resume=true continues from out_dir/model. The paper preset
 needs its --data on the command line (docs/data.md's specs, e.g. refcoco:...,grefcoco:...).
 --encode_only=true runs the codes pass alone (every mask's two words, sharded over the ranks,
@@ -64,7 +66,7 @@ DEFAULTS = dict(
     seed=0,
     # the VLM: a released checkpoint, or (empty) a small one built from the config classes
     base_model="",              # hub id or local folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
-    model_type="qwen2_5_vl",    # config-built family: qwen2_5_vl | qwen3_vl
+    model_type="qwen3_vl",      # config-built family: qwen3_vl | qwen2_5_vl
     hidden_size=192, n_layers=3, n_heads=3, n_kv_heads=1, intermediate_size=512, rope_theta=1e4,
     vision_hidden=96, vision_depth=2, vision_heads=2, vision_intermediate=192, patch_size=16,
     init_std=0.02,              # config-built: initializer_range of the weights
@@ -84,6 +86,7 @@ DEFAULTS = dict(
     built_scenes=500,           # streamed, config-built model: the first scenes its BPE and its tower's pretraining read
     tasks="refer,caption,gcg",
     extra_none=2,               # shapes world: this many more no-target phrases per training scene
+    refer_repeat=2,             # referring samples dealt this many times an epoch (the other tasks once)
     turns=4,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
@@ -112,7 +115,7 @@ PRESETS = {
     "tiny": {},
     # global batch 256 = batch_size 4 x grad_accum 8 x 8 GPUs; AdamW lr 2e-5, cosine, bf16
     "paper": dict(base_model="Qwen/Qwen2.5-VL-3B-Instruct", image_size=0, freeze_vision=True, fsdp=True, word_init="mean",
-                  grad_checkpointing=True, word_soft=0.0, n_train=200_000, steps=20_000, batch_size=4, grad_accum=8,
+                  grad_checkpointing=True, word_soft=0.0, refer_repeat=1, n_train=200_000, steps=20_000, batch_size=4, grad_accum=8,
                   lr=2e-5, min_lr_ratio=0.0, warmup_frac=0.03, weight_decay=0.0, beta2=0.999,
                   max_len=2048, log_every=10, ckpt_every=1000, eval_n=500, eval_batch=32, num_workers=6, pool_scenes=256),
 }
@@ -213,6 +216,9 @@ def check_options(cfg):
     if not 0 <= cfg["word_soft"] <= 1:
         raise UserError(f"--word_soft is the share of a code word's target given to nearby codes, from 0 to 1; "
                         f"got {cfg['word_soft']}")
+    if cfg["refer_repeat"] < 1:
+        raise UserError(f"--refer_repeat is how many times an epoch deals each referring sample, 1 or more; "
+                        f"got {cfg['refer_repeat']}")
     if cfg["word_init"] not in ("mean", "codebook"):
         raise UserError(f"--word_init takes mean or codebook, got {cfg['word_init']!r}")
     return tasks
@@ -255,7 +261,8 @@ def setup(cfg, mask_tok, tasks, model_dir):
         print0(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                f"vocabulary {len(processor.tokenizer)} | data: {len(table['keys'])} train scenes, streamed")
         return model, processor, None, None, word_ids, state, 0, table
-    convs, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"]), images, processor, cfg["max_len"])
+    convs, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"], {"refer": cfg["refer_repeat"]}), images,
+                              processor, cfg["max_len"])
     count = {t: sum(x["task"] == t for c in convs for x in c["turns"]) for t in tasks}
     print0(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
            f"vocabulary {len(processor.tokenizer)} | data: {len(images)} train scenes -> {len(convs)} conversations "
