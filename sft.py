@@ -90,7 +90,7 @@ DEFAULTS = dict(
     turns=4,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
-    steps=7000, batch_size=10, grad_accum=1,   # conversations per micro-batch per process
+    steps=6500, batch_size=10, grad_accum=1,   # conversations per micro-batch per process
     # a 3-layer LM from scratch: at 2e-3 its steps are too large for its blocks, which then fit
     # even their training scenes' mask words worse; at 5e-4 it finds the object more often (docs/LOG.md)
     lr=5e-4, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.01, beta2=0.95, grad_clip=1.0,

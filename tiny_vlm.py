@@ -8,7 +8,8 @@ narrower and shallower, and stands in for what pretraining gives a released mode
 - build_processor: a byte-level BPE with Qwen's own normalizer and pre-tokenizer, learned on the
   world's text, inside the real Qwen2Tokenizer and Qwen-VL processor classes, so everything it
   saves loads with AutoProcessor / AutoModelForImageTextToText like a released model;
-- build_model: the model from its config (Qwen2.5-VL by default, --model_type=qwen3_vl);
+- build_model: the model from its config (Qwen3-VL by default, whose ViT adds a learned position
+  table and DeepStack; --model_type=qwen2_5_vl);
 - pretrain_vision: a short dense pretraining of the random vision tower (every released ViT is
   pretrained; a random one collapses under the LM's gradient);
 - init_words_from_codebook: the 512 code words' rows start from the tokenizer's codebooks.
@@ -78,7 +79,7 @@ def build_processor(cfg, corpus):
 
 
 def build_model(cfg, processor):
-    """A small Qwen2.5-VL (or Qwen3-VL) from its config classes: the same modules as the
+    """A small Qwen3-VL (or Qwen2.5-VL) from its config classes: the same modules as the
     released models (ViT with 2D RoPE, 2x2 patch merger = the projector, M-RoPE decoder),
     only narrower and shallower. The embedding matrix is padded past the tokenizer, as in Qwen."""
     tid = processor.tokenizer.convert_tokens_to_ids
