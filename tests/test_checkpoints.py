@@ -119,7 +119,8 @@ def test_qwen_vl_folder_loads_through_sft(tmp_path):
     from data import iter_scenes
     from data.tasks import text_corpus
     tiny = ["--hidden_size=64", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--intermediate_size=128",
-            "--vision_hidden=32", "--vision_depth=1", "--vision_heads=2", "--vision_intermediate=64", "--bpe_vocab=400"]
+            "--vision_hidden=32", "--vision_depth=1", "--vision_heads=2", "--vision_intermediate=64", "--bpe_vocab=400",
+            "--model_type=qwen2_5_vl"]
     cfg = configure(sft.DEFAULTS, sft.PRESETS, tiny)
     torch.manual_seed(0)
     processor = tiny_vlm.build_processor(cfg, text_corpus([s for _, s in iter_scenes("train", 10)]))
