@@ -53,11 +53,11 @@ import torch.nn.functional as F
 import tiny_vlm
 from common import (UserError, adamw, autocast, cleanup, configure, init_distributed, is_master, lr_at, print0,
                     run, set_lr, stop_early, write_json)
-from data.tasks import conversations, text_corpus
+from data.tasks import text_corpus
 from samtok import codes_to_text, load_tokenizer, mask_tokens
 from data.stream import open_stream, streamed
 from vlm import (ConversationBatches, codes_table, collate, evaluate, load_pretrained, load_world, micro_batches, parallelize,
-                 resume_dir, save_checkpoint, set_trainable, tokenize, tokenizer_of, vision_tower, visual_tokens)
+                 resume_dir, save_checkpoint, set_trainable, tokenizer_of, training_conversations, vision_tower, visual_tokens)
 
 # ----------------------------------------------------------------------------- config
 DEFAULTS = dict(
@@ -261,8 +261,7 @@ def setup(cfg, mask_tok, tasks, model_dir):
         print0(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                f"vocabulary {len(processor.tokenizer)} | data: {len(table['keys'])} train scenes, streamed")
         return model, processor, None, None, word_ids, state, 0, table
-    convs, dropped = tokenize(conversations(samples, cfg["turns"], cfg["seed"], {"refer": cfg["refer_repeat"]}), images,
-                              processor, cfg["max_len"])
+    convs, dropped = training_conversations(samples, images, processor, cfg, cfg["seed"])
     count = {t: sum(x["task"] == t for c in convs for x in c["turns"]) for t in tasks}
     print0(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
            f"vocabulary {len(processor.tokenizer)} | data: {len(images)} train scenes -> {len(convs)} conversations "

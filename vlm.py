@@ -110,6 +110,14 @@ def tokenize(convs, images, processor, max_len):
     return kept, dropped
 
 
+def training_conversations(samples, images, processor, cfg, seed):
+    """Training samples -> tokenized conversations, as sft.py trains on them in memory and
+    ConversationBatches streams them: data.tasks.conversations with cfg's turns and the referring
+    task's share (refer_repeat), then tokenize with its max_len. -> (conversations, dropped)."""
+    return tokenize(conversations(samples, cfg["turns"], seed, {"refer": cfg["refer_repeat"]}), images, processor,
+                    cfg["max_len"])
+
+
 def micro_batches(lengths, batch_size, seed, pool, skip=0):
     """Endless stream of micro-batches (lists of sample indices) with little padding: shuffle,
     cut into pools of `pool` micro-batches, sort each pool by length, cut it into micro-batches
@@ -697,9 +705,8 @@ class ConversationBatches:
         cfg = self.cfg
         images, samples, _, _ = scenes_inputs(((s["key"], s) for s in scenes), self.table, cfg, self.tasks,
                                               cfg["extra_none"], keep_masks=False)
-        convs, dropped = tokenize(conversations(samples, cfg["turns"], int(rng.integers(1 << 31)),
-                                                {"refer": cfg["refer_repeat"]}), images,
-                                  self.processor, cfg["max_len"]) if samples else ([], 0)
+        convs, dropped = training_conversations(samples, images, self.processor, cfg,
+                                                int(rng.integers(1 << 31))) if samples else ([], 0)
         out = []
         for cut in buckets([len(c["ids"]) for c in convs], cfg["batch_size"], rng):
             batch, labels = collate([convs[j] for j in cut], images, self.processor)
