@@ -16,6 +16,7 @@ narrower and shallower, and stands in for what pretraining gives a released mode
 None of this runs with --base_model (a released model has all of it).
 """
 
+import contextlib
 import json
 import math
 import time
@@ -138,6 +139,22 @@ def init_words_from_codebook(model, word_ids, codebook):
 
 
 # ----------------------------------------------------------------------------- vision pretraining
+@contextlib.contextmanager
+def patch_embed_as_matmul(vis):
+    """Inside the block, the ViT's patch embedding runs as the matmul it is. Qwen-VL's patch
+    embedding is a Conv3d whose kernel is its stride, over pixel_values that the processor has
+    already cut into patches, flattened in the weight's own (channel, time, row, column) order: on
+    each patch it is exactly patch @ W.flatten(1).T + b. The numbers are the same; on a CPU the
+    conv's backward is slower than the rest of the tiny tower together (docs/LOG.md)."""
+    pe = vis.patch_embed
+    W, b = pe.proj.weight, pe.proj.bias
+    pe.forward = lambda x: F.linear(x.reshape(-1, W[0].numel()).to(W.dtype), W.flatten(1), b)
+    try:
+        yield
+    finally:
+        del pe.forward                      # the module's own forward again
+
+
 def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=print):
     """A stand-in for the pretraining every released ViT has, for the config-built model only.
     Without it the random tower's visual tokens collapse to one large constant vector within a few
@@ -176,21 +193,23 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
     opt = torch.optim.AdamW(params, lr=cfg["vision_pretrain_lr"], weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg["seed"])
     steps, t0 = cfg["vision_pretrain_steps"], time.time()
-    for step in range(steps):
-        idx = torch.randint(len(images), (cfg["vision_pretrain_batch"],), generator=gen)
-        px = ip(images=list(images[idx.numpy()]), return_tensors="pt")
-        out = head(vis(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output)
-        tok = (idx[:, None] * g * g + torch.arange(g * g)).flatten()
-        logits = out[:, :-latents.shape[1]].reshape(-1, k * k, n_col + n_shp)
-        loss = F.cross_entropy(logits[..., :n_col].flatten(0, 1), cells[tok, :, 0].flatten())
-        if n_shp > 1:
-            loss = loss + F.cross_entropy(logits[..., n_col:].flatten(0, 1), cells[tok, :, 1].flatten())
-        h = has[tok]
-        loss = loss + (out[:, -latents.shape[1]:][h] - latents[tok][h]).pow(2).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        set_lr(opt, lr_at(step, steps, cfg["vision_pretrain_lr"], 0.05, 0.1))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(f"vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f} s")
+    # the conv as its matmul (same numbers, faster on a CPU)
+    with patch_embed_as_matmul(vis):
+        for step in range(steps):
+            idx = torch.randint(len(images), (cfg["vision_pretrain_batch"],), generator=gen)
+            px = ip(images=list(images[idx.numpy()]), return_tensors="pt")
+            out = head(vis(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output)
+            tok = (idx[:, None] * g * g + torch.arange(g * g)).flatten()
+            logits = out[:, :-latents.shape[1]].reshape(-1, k * k, n_col + n_shp)
+            loss = F.cross_entropy(logits[..., :n_col].flatten(0, 1), cells[tok, :, 0].flatten())
+            if n_shp > 1:
+                loss = loss + F.cross_entropy(logits[..., n_col:].flatten(0, 1), cells[tok, :, 1].flatten())
+            h = has[tok]
+            loss = loss + (out[:, -latents.shape[1]:][h] - latents[tok][h]).pow(2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            set_lr(opt, lr_at(step, steps, cfg["vision_pretrain_lr"], 0.05, 0.1))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % 100 == 0 or step + 1 == steps:
+                log(f"vision pretraining {step + 1}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f} s")

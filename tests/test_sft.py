@@ -485,6 +485,31 @@ def test_vision_pretraining_lowers_its_loss(world, tok_ckpt, model_type):
     assert torch.equal(model.get_input_embeddings().weight, text_before)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_patch_embedding_as_matmul_computes_the_same(world, model_type):
+    """Inside tiny_vlm.patch_embed_as_matmul the tower gives the same tokens and the same
+    gradients as with its Conv3d (both families: Qwen3-VL's has a bias, Qwen2.5-VL's none), and
+    the module's own forward is back after the block."""
+    images, _, _, cfg = world
+    model, processor = build(cfg, model_type=model_type)
+    vis = vlm.vision_tower(model)
+    px = processor.image_processor(images=list(images[:3]), return_tensors="pt")
+
+    def run():
+        out = vis(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
+        out.pow(2).sum().backward()
+        grad = vis.patch_embed.proj.weight.grad.clone()
+        vis.zero_grad(set_to_none=True)
+        return out.detach(), grad
+    conv_out, conv_grad = run()
+    with tiny_vlm.patch_embed_as_matmul(vis):
+        mm_out, mm_grad = run()
+    assert torch.allclose(conv_out, mm_out, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(conv_grad, mm_grad, atol=1e-5, rtol=1e-3)
+    assert "forward" not in vars(vis.patch_embed)
+    assert torch.equal(run()[0], conv_out)
+
+
 def test_grounding_answers_are_boxes_in_qwens_format():
     """--tasks=...,ground: phrase -> <|object_ref_start|>phrase<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
     on Qwen2-VL's 0-1000 grid, one box a target (in the referring order), "No target." for none;
