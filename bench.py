@@ -67,7 +67,7 @@ DEFAULTS = dict(
     sft_repeats=3,              # runs a side, alternating (ABBA...): the median counts
     # extra sft.py options, the same for both sides: the whole model trains, on the plain loss TRL computes
     # (the model and mixture of the figures in docs/benchmarks.md)
-    sft_args="--n_train=200 --vision_pretrain_steps=0 --word_soft=0 --model_type=qwen2_5_vl --refer_repeat=1",
+    sft_args="--n_train=200 --patch_size=16 --vision_pretrain_steps=0 --word_soft=0 --model_type=qwen2_5_vl --refer_repeat=1",
     sft_out="out/bench/sft",
     # grpo: grpo.py (its own process, from the Stage-2 model in out/sft) against TRL's GRPOTrainer
     grpo_steps=6, grpo_warmup=1, grpo_args="--n_train=100", grpo_out="out/bench/grpo",

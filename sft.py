@@ -68,12 +68,15 @@ DEFAULTS = dict(
     base_model="",              # hub id or local folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
     model_type="qwen3_vl",      # config-built family: qwen3_vl | qwen2_5_vl
     hidden_size=192, n_layers=3, n_heads=3, n_kv_heads=1, intermediate_size=512, rope_theta=1e4,
-    vision_hidden=96, vision_depth=2, vision_heads=2, vision_intermediate=192, patch_size=16,
+    vision_hidden=96, vision_depth=2, vision_heads=2, vision_intermediate=192,
+    # 8 px patches, merged 2 x 2: 64 visual tokens of 16 px each, so a small object fills more of its
+    # token; longer steps and a longer tower pretraining, paid for with fewer steps (docs/LOG.md)
+    patch_size=8,
     init_std=0.02,              # config-built: initializer_range of the weights
     tie_embeddings=False,       # Qwen2.5-VL-3B ties the LM head to the input embeddings, 7B does not
     vocab_pad=64,               # config-built: embedding rows padded to a multiple (Qwen: 151,936)
     bpe_vocab=1000,             # BPE vocabulary (256 bytes + merges) learned on the world's text
-    image_size=128,             # images resized to image_size^2 px: (128/16)^2 / 2^2 = 16 visual tokens;
+    image_size=128,             # images resized to image_size^2 px: (128/8)^2 / 2^2 = 64 visual tokens;
                                 # 0 (--base_model): the processor's native resolution, aspect ratio kept
     # Stage 1
     tokenizer_ckpt="out/tokenizer/ckpt.pt",
@@ -90,7 +93,7 @@ DEFAULTS = dict(
     turns=4,                    # turns (samples of one image and task) per training conversation; 1 = single-turn
     max_len=1024,               # longer conversations are dropped (and counted), never truncated
     # optimisation
-    steps=6500, batch_size=10, grad_accum=1,   # conversations per micro-batch per process
+    steps=4100, batch_size=10, grad_accum=1,   # conversations per micro-batch per process
     # a 3-layer LM from scratch: at 2e-3 its steps are too large for its blocks, which then fit
     # even their training scenes' mask words worse; at 5e-4 it finds the object more often (docs/LOG.md)
     lr=5e-4, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.01, beta2=0.95, grad_clip=1.0,

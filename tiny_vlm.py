@@ -159,8 +159,8 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
     """A stand-in for the pretraining every released ViT has, for the config-built model only.
     Without it the random tower's visual tokens collapse to one large constant vector within a few
     hundred SFT steps (an attention sink) and the model answers the same whatever the image. Here
-    the tower learns, in a few minutes, to say for each visual token (a 32 x 32 px cell after the
-    2 x 2 merger) what lies in each 4 x 4 px sub-cell (colour and shape class, or just object /
+    the tower learns, in a few minutes, to say for each visual token (a cell of 2 x 2 patches after
+    the merger, 16 x 16 px by default) what lies in each 4 x 4 px sub-cell (colour and shape class, or just object /
     background outside the shapes world), and to regress the Stage-1 latent e1 + e2 of the object
     covering most of the token: the geometry the mask words encode. A linear head reads the merger's output; it is thrown away after
     (how long it takes to be useful: docs/LOG.md)."""

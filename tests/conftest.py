@@ -22,7 +22,7 @@ from samtok import SAMTok, load_tokenizer  # noqa: E402
 # A VLM small enough to build in a fraction of a second and step in ~50 ms.
 TINY = ["--hidden_size=64", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--intermediate_size=128",
         "--vision_hidden=32", "--vision_depth=1", "--vision_heads=2", "--vision_intermediate=64", "--bpe_vocab=600",
-        "--vision_pretrain_steps=2"]
+        "--vision_pretrain_steps=2", "--patch_size=16"]
 
 
 @pytest.fixture(scope="module")
