@@ -160,10 +160,11 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
     Without it the random tower's visual tokens collapse to one large constant vector within a few
     hundred SFT steps (an attention sink) and the model answers the same whatever the image. Here
     the tower learns, in a few minutes, to say for each visual token (a cell of 2 x 2 patches after
-    the merger, 16 x 16 px by default) what lies in each 4 x 4 px sub-cell (colour and shape class, or just object /
-    background outside the shapes world), and to regress the Stage-1 latent e1 + e2 of the object
-    covering most of the token: the geometry the mask words encode. A linear head reads the merger's output; it is thrown away after
-    (how long it takes to be useful: docs/LOG.md)."""
+    the merger, 16 x 16 px by default) what lies in each 4 x 4 px sub-cell (colour and shape class,
+    or just object / background outside the shapes world), and to regress the Stage-1 latent
+    e1 + e2 of the object covering most of the token: the geometry the mask words encode. A linear
+    head reads the merger's output; it is thrown away after (how long it takes to be useful:
+    docs/LOG.md)."""
     vis = vision_tower(model)
     ip = processor.image_processor
     S, m, cell = images.shape[1], ip.patch_size * ip.merge_size, 4
@@ -193,7 +194,6 @@ def pretrain_vision(model, processor, images, scenes, codes, codebook, cfg, log=
     opt = torch.optim.AdamW(params, lr=cfg["vision_pretrain_lr"], weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg["seed"])
     steps, t0 = cfg["vision_pretrain_steps"], time.time()
-    # the conv as its matmul (same numbers, faster on a CPU)
     with patch_embed_as_matmul(vis):
         for step in range(steps):
             idx = torch.randint(len(images), (cfg["vision_pretrain_batch"],), generator=gen)
