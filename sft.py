@@ -70,7 +70,7 @@ DEFAULTS = dict(
     hidden_size=192, n_layers=3, n_heads=3, n_kv_heads=1, intermediate_size=512, rope_theta=1e4,
     vision_hidden=96, vision_depth=2, vision_heads=2, vision_intermediate=192,
     # 8 px patches, merged 2 x 2: 64 visual tokens of 16 px each, so a small object fills more of its
-    # token; longer steps and a longer tower pretraining, paid for with fewer steps (docs/LOG.md)
+    # token; each step and the tower's pretraining take longer, paid for with fewer steps (docs/LOG.md)
     patch_size=8,
     init_std=0.02,              # config-built: initializer_range of the weights
     tie_embeddings=False,       # Qwen2.5-VL-3B ties the LM head to the input embeddings, 7B does not
