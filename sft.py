@@ -68,8 +68,9 @@ DEFAULTS = dict(
     base_model="",              # hub id or local folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
     model_type="qwen3_vl",      # config-built family: qwen3_vl | qwen2_5_vl
     hidden_size=192, n_layers=3, n_heads=3, n_kv_heads=1, intermediate_size=512, rope_theta=1e4,
-    # 4 blocks: most misses are phrases that need the object's shape, which 2 blocks barely read; the
-    # tower is frozen during SFT, so its depth costs only its pretraining, paid for with LM steps (docs/LOG.md)
+    # 4 blocks: most misses are phrases that need the object's shape, which 2 blocks barely read;
+    # the tower is frozen during SFT, so its depth costs only its pretraining, paid for with LM
+    # steps (docs/LOG.md)
     vision_hidden=96, vision_depth=4, vision_heads=2, vision_intermediate=192,
     # 8 px patches, merged 2 x 2: 64 visual tokens of 16 px each, so a small object fills more of its
     # token; each step and the tower's pretraining take longer, paid for with fewer steps (docs/LOG.md)
@@ -101,8 +102,9 @@ DEFAULTS = dict(
     lr=5e-4, min_lr_ratio=0.1, warmup_frac=0.05, weight_decay=0.01, beta2=0.95, grad_clip=1.0,
     freeze_vision=False,        # paper: vision tower frozen, projector (merger) + LLM trained
     # config-built model only: a short dense pretraining of the random vision tower
-    # (tiny_vlm.pretrain_vision), after which the tower, merger included, stays frozen during SFT
-    vision_pretrain_steps=2000, vision_pretrain_batch=16, vision_pretrain_lr=4e-3,  # more, smaller steps: it underfits
+    # (tiny_vlm.pretrain_vision), after which the tower, merger included, stays frozen during SFT;
+    # it underfits its targets, so it gets many small batches rather than few large ones
+    vision_pretrain_steps=2000, vision_pretrain_batch=16, vision_pretrain_lr=4e-3,
     word_soft=0.5,              # this much of each code word's target spread over nearby codes (word_targets); 0: the paper's plain loss
     word_init="codebook",       # new mask-word rows: "mean" (the paper's rule) | "codebook" (config-built model)
     fsdp=False,                 # FSDP2 (fully_shard) instead of DDP
