@@ -494,6 +494,17 @@ def test_two_ranks_ddp_fsdp_parity_and_the_script(policy, tok_ckpt, sft_ckpt, tm
     assert torch.load(tmp_path / "run" / "model" / "train_state.pt", weights_only=True)["step"] == 2
 
 
+def test_scale_rewards_takes_the_word_none():
+    """--scale_rewards=none (Dr. GRPO) gets through the configurator, which reads the word none as
+    None elsewhere, and an unknown value is one clear line."""
+    from common import UserError, configure
+    cfg = configure(grpo.DEFAULTS, grpo.PRESETS, ["--scale_rewards=none"])
+    grpo.check_options(cfg, 1)
+    assert cfg["scale_rewards"] == "none"
+    with pytest.raises(UserError, match="choose group or none"):
+        grpo.check_options(configure(grpo.DEFAULTS, grpo.PRESETS, ["--scale_rewards=batch"]), 1)
+
+
 def test_script_bad_input(tok_ckpt, sft_ckpt, tmp_path, monkeypatch, capsys):
     """One clear line, exit 2, nothing written; a checkpoint already in out_dir stays as it was."""
     good = script_args(tok_ckpt, sft_ckpt, tmp_path / "out") + ["--steps=1", "--eval_n=0"]
