@@ -88,8 +88,10 @@ def parse_value(key, text, default):
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise UserError(f"--{key} takes true or false, got {text!r}")
-    if isinstance(default, str) or default is None:
+    if default is None or default == "":     # an optional path or name: the word none says there is none
         return None if text.lower() == "none" else text
+    if isinstance(default, str):            # one word of a choice (--scale_rewards=none): kept as typed
+        return text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -321,7 +321,6 @@ def update(net, opt, rows, prompts, images, processor, cfg, rank=0, world=1, ref
 def check_options(cfg, world):
     """Options that cannot work, as one line each, before anything is loaded or written."""
     G, B, tasks = cfg["num_generations"], cfg["batch_size"], cfg["tasks"].split(",")
-    cfg["scale_rewards"] = cfg["scale_rewards"] or "none"     # the configurator reads the word none as None
     prompts = B // max(G, 1)                 # the table is built whole: no division by a G of 0
     for bad, why in (
             (cfg["reward"] not in REWARDS, f"--reward={cfg['reward']!r}: choose one of {', '.join(REWARDS)}"),

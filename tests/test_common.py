@@ -73,6 +73,7 @@ def test_configure_takes_both_forms_and_types_like_the_default():
     assert configure(DEFAULTS, PRESETS, ["--lr", "-0.5"])["lr"] == -0.5          # a negative number is a value
     assert configure(DEFAULTS, PRESETS, ["--flag=no", "--init=none"])["flag"] is False
     assert configure(DEFAULTS, PRESETS, ["--init=none"])["init"] is None
+    assert configure(DEFAULTS, PRESETS, ["--name=none"])["name"] == "none"     # a word of a choice stays a word
     # a preset, in either form, then the options over it
     assert configure(DEFAULTS, PRESETS, ["--preset", "big", "--steps=3"]) == dict(DEFAULTS, steps=3, name="big", preset="big")
     assert configure(DEFAULTS, PRESETS, ["--preset=big"])["steps"] == 1000

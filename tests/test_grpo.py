@@ -496,7 +496,7 @@ def test_two_ranks_ddp_fsdp_parity_and_the_script(policy, tok_ckpt, sft_ckpt, tm
 
 def test_scale_rewards_takes_the_word_none():
     """--scale_rewards=none (Dr. GRPO) gets through the configurator, which reads the word none as
-    None elsewhere, and an unknown value is one clear line."""
+    None for an optional path, and an unknown value is one clear line."""
     from common import UserError, configure
     cfg = configure(grpo.DEFAULTS, grpo.PRESETS, ["--scale_rewards=none"])
     grpo.check_options(cfg, 1)
